@@ -1,0 +1,94 @@
+"""``vhost-user-blk``: the virtio-blk back-end program.
+
+Follows the back-end program conventions of QEMU's vhost-user.rst:
+``--socket-path`` or ``--fd``, ``--print-capabilities``, ``--blk-file`` and
+``--read-only``; exits non-zero early when it cannot start; ends cleanly on
+SIGTERM (and SIGINT); never daemonizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ..devices.base import DeviceError
+from ..devices.blk import BlkDevice
+from ..server import BackendServer
+
+CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+log = logging.getLogger("pyvhost_user")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhost-user-blk",
+        description="virtio-blk vhost-user back-end (pyvhost-user)",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--fd", type=int, metavar="FDNUM", help="use this inherited socket fd")
+    p.add_argument(
+        "--image", "--blk-file", dest="image", metavar="FILE",
+        help="raw image file or block device to serve",
+    )
+    p.add_argument("--read-only", action="store_true", help="refuse every write")
+    p.add_argument("--num-queues", type=int, default=1, metavar="N", help="virtqueues (1..64)")
+    p.add_argument("--serial", help="the id GET_ID returns (default: the image's file name)")
+    p.add_argument(
+        "--print-capabilities", action="store_true",
+        help="print the back-end capabilities as JSON and exit",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="log level (debug includes the protocol trace)",
+    )
+    p.add_argument(
+        "--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
+        help="permissions of the socket file (default 600)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        json.dump(CAPABILITIES, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.socket_path is None and args.fd is None:
+        print("vhost-user-blk: one of --socket-path or --fd is required", file=sys.stderr)
+        return 2
+    if not args.image:
+        print("vhost-user-blk: --image (or --blk-file) is required", file=sys.stderr)
+        return 2
+    try:
+        device = BlkDevice(args.image, read_only=args.read_only, num_queues=args.num_queues)
+    except DeviceError as exc:
+        print(f"vhost-user-blk: {exc}", file=sys.stderr)
+        return 1
+    try:
+        server = BackendServer(device, socket_path=args.socket_path, fd=args.fd, socket_mode=args.socket_mode)
+    except (OSError, ValueError) as exc:
+        print(f"vhost-user-blk: cannot listen: {exc}", file=sys.stderr)
+        device.close()
+        return 1
+    server.install_signal_handlers()
+    log.info("serving %s", device.describe())
+    try:
+        server.serve_forever()
+    finally:
+        device.close()
+    log.info("stopped after %d front-end session(s)", server.sessions_served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The driver side of a virtio 1.x split virtqueue, laid out in ``GuestRam``.
+
+Layout (virtio 1.x, 2.7): descriptor table (16 bytes per entry, 16-aligned),
+avail ring (``flags, idx, ring[N], used_event``, 2-aligned), used ring
+(``flags, idx, ring[N] of {id, len}, avail_event``, 4-aligned). All fields are
+little endian. Indices are free-running u16 counters; slot = index % N, which is
+why N must be a power of 2.
+
+Memory ordering: the driver must make ring entries visible before the index
+that publishes them, and write ``used_event`` before re-reading ``used.idx``.
+CPython cannot emit fences; each step below is a separate interpreter-level
+store through the shared mapping, in program order, and x86-64 keeps stores in
+order. The used_event/used.idx store->load pair is the only one x86 may
+reorder; the re-check after writing used_event (hundreds of instructions
+later) makes a missed interrupt practically impossible, and a real miss would
+show as a ``FrontendTimeout``, never as silent corruption.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from .errors import ProtocolViolation, RingError
+from .guest_ram import GuestRam
+
+DESC: Final = struct.Struct("<QIHH")  # addr, len, flags, next
+U16: Final = struct.Struct("<H")
+USED_ELEM: Final = struct.Struct("<II")  # id, len
+
+VIRTQ_DESC_F_NEXT: Final = 1
+VIRTQ_DESC_F_WRITE: Final = 2
+VIRTQ_DESC_F_INDIRECT: Final = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT: Final = 1
+VIRTQ_USED_F_NO_NOTIFY: Final = 1
+
+DESC_ALIGN: Final = 16
+AVAIL_ALIGN: Final = 2
+USED_ALIGN: Final = 4
+MAX_QUEUE_SIZE: Final = 32768
+
+
+class Segment(NamedTuple):
+    """One buffer of a chain: guest physical address, length, device-writable?"""
+
+    gpa: int
+    length: int
+    device_writable: bool
+
+
+class Descriptor(NamedTuple):
+    addr: int
+    length: int
+    flags: int
+    next: int
+
+
+@dataclass
+class _Chain:
+    descriptors: list[int]  # ring descriptor ids to give back on completion
+    indirect_table: int | None  # gpa of the indirect table to free, if any
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event: did [old, new) pass ``event``? (u16 arithmetic)."""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, avail ring and used ring (with the event fields)."""
+    return 16 * size, 6 + 2 * size, 6 + 8 * size
+
+
+class SplitRing:
+    """Descriptor table, avail and used rings of one queue, driven from the driver side.
+
+    ``start_index`` starts avail.idx and used.idx there (the base to send with
+    SET_VRING_BASE), so tests can reach the u16 wrap-around quickly.
+    """
+
+    def __init__(
+        self, ram: GuestRam, size: int, *, event_idx: bool = False, start_index: int = 0
+    ) -> None:
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise RingError(f"split ring size {size} is not a power of 2 in 1..32768")
+        self.ram = ram
+        self.size = size
+        self.event_idx = event_idx
+        desc_bytes, avail_bytes, used_bytes = ring_sizes(size)
+        self.desc_gpa = ram.alloc(desc_bytes, DESC_ALIGN)
+        self.avail_gpa = ram.alloc(avail_bytes, AVAIL_ALIGN)
+        self.used_gpa = ram.alloc(used_bytes, USED_ALIGN)
+        self._desc = ram.view(self.desc_gpa, desc_bytes)
+        self._avail = ram.view(self.avail_gpa, avail_bytes)
+        self._used = ram.view(self.used_gpa, used_bytes)
+        self.reset(start_index)
+
+    # -- lifetime ------------------------------------------------------------
+    def reset(self, start_index: int = 0) -> None:
+        """What a driver does on (re)initialisation: zeroed rings, every descriptor free."""
+        for chain in getattr(self, "_outstanding", {}).values():
+            if chain.indirect_table is not None:
+                self.ram.free(chain.indirect_table)
+        for view in (self._desc, self._avail, self._used):
+            view[:] = bytes(len(view))
+        self._free: deque[int] = deque(range(self.size))
+        self._outstanding: dict[int, _Chain] = {}
+        self.shadow_avail_idx = start_index & 0xFFFF  # next avail slot to fill
+        self.published_avail_idx = self.shadow_avail_idx  # what avail.idx says
+        self.last_used_idx = self.shadow_avail_idx  # next used entry to consume
+        self.avail_idx = self.shadow_avail_idx
+        self.used_idx = self.shadow_avail_idx
+
+    def release(self) -> None:
+        """Give the ring's memory back to the allocator (the ring is unusable after)."""
+        self.reset()
+        for view in (self._desc, self._avail, self._used):
+            view.release()
+        for gpa in (self.desc_gpa, self.avail_gpa, self.used_gpa):
+            self.ram.free(gpa)
+
+    # -- addresses for SET_VRING_ADDR ----------------------------------------
+    @property
+    def desc_user_addr(self) -> int:
+        return self.ram.uva(self.desc_gpa)
+
+    @property
+    def avail_user_addr(self) -> int:
+        return self.ram.uva(self.avail_gpa)
+
+    @property
+    def used_user_addr(self) -> int:
+        return self.ram.uva(self.used_gpa)
+
+    # -- raw field access (tests may corrupt anything) -----------------------
+    def write_descriptor(self, index: int, addr: int, length: int, flags: int, next_: int) -> None:
+        DESC.pack_into(self._desc, 16 * index, addr, length, flags, next_)
+
+    def read_descriptor(self, index: int) -> Descriptor:
+        return Descriptor(*DESC.unpack_from(self._desc, 16 * index))
+
+    @property
+    def avail_flags(self) -> int:
+        return U16.unpack_from(self._avail, 0)[0]
+
+    @avail_flags.setter
+    def avail_flags(self, value: int) -> None:
+        U16.pack_into(self._avail, 0, value)
+
+    @property
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self._avail, 2)[0]
+
+    @avail_idx.setter
+    def avail_idx(self, value: int) -> None:
+        U16.pack_into(self._avail, 2, value & 0xFFFF)
+
+    def avail_entry(self, slot: int) -> int:
+        return U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+
+    def set_avail_entry(self, slot: int, head: int) -> None:
+        U16.pack_into(self._avail, 4 + 2 * slot, head)
+
+    @property
+    def used_event(self) -> int:
+        return U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+
+    @used_event.setter
+    def used_event(self, value: int) -> None:
+        U16.pack_into(self._avail, 4 + 2 * self.size, value & 0xFFFF)
+
+    @property
+    def used_flags(self) -> int:
+        return U16.unpack_from(self._used, 0)[0]
+
+    @property
+    def used_idx(self) -> int:
+        return U16.unpack_from(self._used, 2)[0]
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:  # only the initial value: the device owns it
+        U16.pack_into(self._used, 2, value & 0xFFFF)
+
+    def used_entry(self, slot: int) -> tuple[int, int]:
+        return USED_ELEM.unpack_from(self._used, 4 + 8 * slot)
+
+    @property
+    def avail_event(self) -> int:
+        return U16.unpack_from(self._used, 4 + 8 * self.size)[0]
+
+    # -- driver operations ---------------------------------------------------
+    @property
+    def free_descriptors(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._outstanding)
+
+    def take_descriptors(self, count: int) -> list[int]:
+        """Remove ``count`` ids from the free list (for hand-written chains)."""
+        if count > len(self._free):
+            raise RingError(f"{count} descriptors wanted, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(count)]
+
+    def add_chain(self, segments: Sequence[tuple[int, int, bool]], indirect: bool = False) -> int:
+        """Write a chain and queue its head in the avail ring (not yet published)."""
+        if not segments:
+            raise RingError("a chain needs at least one buffer")
+        table: int | None = None
+        if indirect:
+            table = self.ram.alloc(16 * len(segments), DESC_ALIGN)
+            entries = bytearray()
+            for i, (gpa, length, writable) in enumerate(segments):
+                flags = VIRTQ_DESC_F_WRITE if writable else 0
+                last = i == len(segments) - 1
+                entries += DESC.pack(gpa, length, flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                                     0 if last else i + 1)
+            self.ram.write(table, entries)
+            ids = self.take_descriptors(1)
+            self.write_descriptor(ids[0], table, len(entries), VIRTQ_DESC_F_INDIRECT, 0)
+        else:
+            ids = self.take_descriptors(len(segments))
+            for i, (gpa, length, writable) in enumerate(segments):
+                flags = VIRTQ_DESC_F_WRITE if writable else 0
+                if i + 1 < len(ids):
+                    self.write_descriptor(ids[i], gpa, length, flags | VIRTQ_DESC_F_NEXT, ids[i + 1])
+                else:
+                    self.write_descriptor(ids[i], gpa, length, flags, 0)
+        self.push_avail(ids[0], ids, table)
+        return ids[0]
+
+    def push_avail(
+        self, head: int, owned: Sequence[int] = (), indirect_table: int | None = None
+    ) -> None:
+        """Queue ``head`` in the avail ring; ``owned`` descriptors come back when it is used.
+
+        Raw form for hand-written (possibly corrupt) chains: ``head`` need not be valid.
+        """
+        self.set_avail_entry(self.shadow_avail_idx % self.size, head & 0xFFFF)
+        self.shadow_avail_idx = (self.shadow_avail_idx + 1) & 0xFFFF
+        self._outstanding[head] = _Chain(list(owned), indirect_table)
+
+    def publish(self) -> bool:
+        """Move avail.idx over the queued heads; True if the device wants a kick."""
+        old, new = self.published_avail_idx, self.shadow_avail_idx
+        self.avail_idx = new  # after the ring entries (stores stay ordered on x86)
+        self.published_avail_idx = new
+        if new == old:
+            return False
+        if self.event_idx:
+            return vring_need_event(self.avail_event, new, old)
+        return not self.used_flags & VIRTQ_USED_F_NO_NOTIFY
+
+    def pop_used(self) -> list[tuple[int, int]]:
+        """Consume new used entries: ``[(head, len), ...]``, descriptors recycled.
+
+        Raises ``ProtocolViolation`` when the device returns a head that is not
+        in flight or moves used.idx further than the ring holds.
+        """
+        completed: list[tuple[int, int]] = []
+        while True:
+            used_idx = self.used_idx
+            pending = (used_idx - self.last_used_idx) & 0xFFFF
+            if pending > self.size:
+                raise ProtocolViolation(
+                    f"used.idx {used_idx} is {pending} entries past {self.last_used_idx} "
+                    f"on a ring of {self.size}"
+                )
+            for _ in range(pending):
+                head, length = self.used_entry(self.last_used_idx % self.size)
+                chain = self._outstanding.pop(head, None)
+                if chain is None:
+                    raise ProtocolViolation(f"used entry for head {head}, which is not in flight")
+                self._free.extend(chain.descriptors)
+                if chain.indirect_table is not None:
+                    self.ram.free(chain.indirect_table)
+                self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+                completed.append((head, length))
+            if not self.event_idx:
+                return completed
+            # Ask for an interrupt on the next entry, then look again: an entry
+            # written before the device could see the new used_event sends none.
+            self.used_event = self.last_used_idx
+            if self.used_idx == used_idx:
+                return completed

@@ -1,0 +1,37 @@
+"""Launching real QEMU test machines (TCG) with vhost-user devices.
+
+Used by tests and scripts; imports nothing else from pyvhost_user.
+
+    from pyvhost_user.launch import Machine, VhostUserBlk, find_qemu
+
+- qemu_binaries: find_qemu("7.2" | "10.0"), cache_dir(), qemu_storage_daemon()
+- guest: guest_image(), kernel_args(), parse_results()
+- machine: Machine, VhostUserBlk
+"""
+
+from .guest import (
+    STEPS,
+    BootResults,
+    GuestImageError,
+    count_done,
+    guest_image,
+    kernel_args,
+    parse_results,
+)
+from .machine import Machine, MachineError, MachineTimeout, VhostUserBlk
+from .qemu_binaries import (
+    SUPPORTED_VERSIONS,
+    QemuBinary,
+    QemuNotFoundError,
+    cache_dir,
+    find_qemu,
+    qemu_storage_daemon,
+)
+
+__all__ = [
+    "STEPS", "BootResults", "GuestImageError", "count_done", "guest_image",
+    "kernel_args", "parse_results",
+    "Machine", "MachineError", "MachineTimeout", "VhostUserBlk",
+    "SUPPORTED_VERSIONS", "QemuBinary", "QemuNotFoundError", "cache_dir",
+    "find_qemu", "qemu_storage_daemon",
+]

@@ -1,0 +1,505 @@
+"""Launch a QEMU test machine (TCG) with vhost-user-blk disks and the test guest.
+
+    with Machine("10.0", workdir, disks=[VhostUserBlk(sock)], steps=["md5"]) as m:
+        boot = m.wait_for_done(timeout=60)[0]
+        assert boot["md5"] == ...
+
+Every wait has a timeout: QEMU waits forever on a vhost-user backend that does
+not answer. Errors (MachineError) carry the tails of the serial console and of
+QEMU's own output (stdout + stderr, in ``qemu_log``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .guest import BootResults, count_done, guest_image, kernel_args, parse_results
+from .qemu_binaries import QemuBinary, find_qemu
+
+POLL_INTERVAL = 0.05
+UNIX_PATH_MAX = 107
+
+
+class MachineError(RuntimeError):
+    """QEMU failed, exited early, or a wait failed; the message has the log tails."""
+
+
+class MachineTimeout(MachineError, TimeoutError):
+    """A wait on the machine timed out."""
+
+
+def _opt(value: Any) -> str:
+    """A QEMU option value: commas are doubled; bools are on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")
+
+
+def _tail(path: Path | None, lines: int = 40) -> str:
+    if path is None or not path.exists():
+        return "(none)"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", "replace")
+    out = text.splitlines()[-lines:]
+    return "\n".join(out) if out else "(empty)"
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGTERM when the thread that started it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+@dataclass
+class VhostUserBlk:
+    """A vhost-user-blk-pci device whose backend listens on ``socket``."""
+
+    socket: str | os.PathLike
+    num_queues: int = 1
+    reconnect: int | None = None        # chardev reconnect=N (seconds)
+    id: str | None = None               # device id (default blk0, blk1, ...)
+    options: dict[str, Any] = field(default_factory=dict)  # more -device options
+
+    def args(self, index: int) -> list[str]:
+        dev_id = self.id or f"blk{index}"
+        chardev = f"char-{dev_id}"
+        sock = os.fspath(self.socket)
+        if len(sock.encode()) > UNIX_PATH_MAX:
+            raise ValueError(f"socket path longer than {UNIX_PATH_MAX} bytes: {sock}")
+        chr_opts = f"socket,id={chardev},path={_opt(sock)}"
+        if self.reconnect is not None:
+            chr_opts += f",reconnect={int(self.reconnect)}"
+        dev = f"vhost-user-blk-pci,id={dev_id},chardev={chardev},num-queues={self.num_queues}"
+        for k, v in self.options.items():
+            dev += f",{k}={_opt(v)}"
+        return ["-chardev", chr_opts, "-device", dev]
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, for the sync QMP wrapper."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever,
+                                       name="qmp-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float):
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class Machine:
+    """A QEMU process running the test guest (see guest-images/init.sh).
+
+    qemu: "7.2", "10.0" or a QemuBinary.  workdir: where logs go (created).
+    disks: VhostUserBlk devices (a plain path means one queue).
+    steps, write_mib, guest_args: what the guest's /init does (kernel words;
+    guest_args adds name=value words).  reboot: the guest reboots after its
+    steps and QEMU runs without -no-reboot (each boot prints PVU-BOOT).
+    memory: size of the shared memfd RAM.  extra_args: appended to QEMU's argv.
+    """
+
+    def __init__(
+        self,
+        qemu: str | QemuBinary = "10.0",
+        workdir: str | os.PathLike | None = None,
+        *,
+        disks: Iterable[VhostUserBlk | str | os.PathLike] = (),
+        steps: Sequence[str] | str = ("md5",),
+        write_mib: int | None = None,
+        disk: str | None = None,
+        guest_args: dict[str, Any] | None = None,
+        append: Sequence[str] = (),
+        reboot: bool = False,
+        memory: str = "256M",
+        machine_type: str = "q35",
+        smp: int = 1,
+        accel: str = "tcg",
+        kernel: str | os.PathLike | None = None,
+        initrd: str | os.PathLike | None = None,
+        extra_args: Sequence[str] = (),
+        qmp: bool = True,
+        name: str = "vm",
+        die_with_parent: bool = True,
+    ) -> None:
+        self.qemu = qemu if isinstance(qemu, QemuBinary) else find_qemu(qemu)
+        self.name = name
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix=f"pvu-{name}-")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.serial_log = self.workdir / f"{name}-serial.log"
+        self.qemu_log = self.workdir / f"{name}-qemu.log"   # QEMU's stdout + stderr
+        self.qmp_socket: Path | None = None
+        if qmp:
+            self.qmp_socket = self.workdir / f"{name}-qmp.sock"
+            if len(os.fsencode(self.qmp_socket)) > UNIX_PATH_MAX:
+                self.qmp_socket = Path(tempfile.mkdtemp(prefix="pvu-qmp-")) / "qmp.sock"
+        self.disks = [d if isinstance(d, VhostUserBlk) else VhostUserBlk(d) for d in disks]
+        if kernel is None or initrd is None:
+            k, i = guest_image()
+            kernel = kernel or k
+            initrd = initrd or i
+        self.kernel, self.initrd = Path(kernel), Path(initrd)
+        self.kernel_cmdline = " ".join(
+            ["console=ttyS0", "panic=-1"]
+            + kernel_args(steps, disk=disk, write_mib=write_mib, reboot=reboot,
+                          **(guest_args or {}))
+            + list(append))
+        self.reboot = reboot
+        self.memory, self.machine_type, self.smp, self.accel = memory, machine_type, smp, accel
+        self.extra_args = list(extra_args)
+        self.die_with_parent = die_with_parent
+        self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
+        self._log_file = None
+        self._serial_pos = 0
+        self._serial = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._loop: _LoopThread | None = None
+        self._qmp = None
+        self._events_task = None
+        self.events: list[dict] = []        # QMP events received (dicts)
+        self._events_cond = threading.Condition()
+
+    # ---- command line -------------------------------------------------------
+
+    def args(self) -> list[str]:
+        """QEMU's argv (without the binary and its base args)."""
+        a = [
+            "-name", _opt(self.name),
+            "-accel", self.accel,
+            "-nodefaults", "-display", "none",
+            "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
+            "-machine", f"{self.machine_type},memory-backend=mem",
+            "-smp", str(self.smp),
+            "-kernel", str(self.kernel),
+            "-initrd", str(self.initrd),
+            "-append", self.kernel_cmdline,
+            "-chardev", f"file,id=serial0,path={_opt(self.serial_log)}",
+            "-serial", "chardev:serial0",
+        ]
+        if not self.reboot:
+            a.append("-no-reboot")
+        if self.qmp_socket is not None:
+            a += ["-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off"]
+        for i, d in enumerate(self.disks):
+            a += d.args(i)
+        return a + self.extra_args
+
+    def command(self) -> list[str]:
+        return self.qemu.command(*self.args())
+
+    # ---- life cycle ---------------------------------------------------------
+
+    def start(self, *, wait_qmp: bool = True, timeout: float = 30.0) -> "Machine":
+        """Start QEMU; with QMP, wait (up to ``timeout``) until QMP answers.
+
+        QEMU answers QMP only after it has set up its devices, i.e. after the
+        vhost-user handshake with every backend: a timeout here usually means
+        a backend that does not answer.
+        """
+        if self.proc is not None:
+            raise MachineError("machine already started")
+        for p in (self.serial_log, self.qemu_log):
+            p.unlink(missing_ok=True)
+        if self.qmp_socket is not None:
+            self.qmp_socket.unlink(missing_ok=True)
+        self.serial_log.touch()
+        self._log_file = open(self.qemu_log, "wb")
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.qemu.env.items())
+        self._log_file.write(
+            f"$ {env + ' ' if env else ''}{shlex.join(self.command())}\n".encode())
+        self._log_file.flush()
+        self.started_at = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), env=self.qemu.environ(), stdin=subprocess.DEVNULL,
+                stdout=self._log_file, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if self.die_with_parent else None)
+        except OSError as e:
+            self._log_file.close()
+            raise MachineError(f"cannot start {self.qemu.path}: {e}") from e
+        if self.qmp_socket is not None and wait_qmp:
+            try:
+                self.connect_qmp(timeout)
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def __enter__(self) -> "Machine":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """QEMU's exit status (None while it runs or before start)."""
+        return self.proc.poll() if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at if self.started_at else 0.0
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait until QEMU exits (e.g. after the guest's poweroff); its exit code."""
+        if self.proc is None:
+            raise MachineError("machine not started")
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise MachineTimeout(self.describe(
+                f"QEMU still running after {timeout} s")) from None
+
+    def shutdown(self, timeout: float = 10.0) -> int | None:
+        """Stop QEMU: QMP quit, wait, then SIGTERM / SIGKILL by pid. Idempotent."""
+        if self.proc is None:
+            self._close()
+            return None
+        if self.proc.poll() is None and self._qmp is not None:
+            try:
+                self.qmp_command("quit", timeout=min(5.0, timeout))
+            except Exception:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._close()
+        return self.proc.returncode
+
+    def kill(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` s (by pid); waits for the exit."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self._close()
+
+    async def _disconnect(self) -> None:
+        if self._events_task is not None:
+            self._events_task.cancel()
+            try:
+                await self._events_task
+            except BaseException:
+                pass
+            self._events_task = None
+        await self._qmp.disconnect()
+
+    def _close(self) -> None:
+        if self._qmp is not None and self._loop is not None:
+            try:
+                self._loop.run(self._disconnect(), 5)
+            except Exception:
+                pass
+            self._qmp = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    # ---- serial console -------------------------------------------------------
+
+    def serial_text(self) -> str:
+        """Everything the guest has printed on ttyS0 so far."""
+        try:
+            with open(self.serial_log, "rb") as f:
+                f.seek(self._serial_pos)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        if data:
+            self._serial_pos += len(data)
+            self._serial += self._decoder.decode(data)
+        return self._serial
+
+    def results(self) -> list[BootResults]:
+        """parse_results() of the serial console: one dict per boot."""
+        return parse_results(self.serial_text())
+
+    def qemu_output(self) -> str:
+        """QEMU's stdout + stderr so far."""
+        return self.qemu_log.read_text(errors="replace") if self.qemu_log.exists() else ""
+
+    def describe(self, what: str) -> str:
+        code = self.exit_code
+        state = "running" if code is None else f"exit code {code}"
+        return (f"{what} [QEMU {self.qemu.version}, pid {self.pid}, {state}, "
+                f"up {self.uptime():.1f} s, workdir {self.workdir}]\n"
+                f"--- serial console (tail) ---\n{_tail(self.serial_log)}\n"
+                f"--- QEMU output (tail) ---\n{_tail(self.qemu_log, 30)}")
+
+    def wait_for(self, what: str | Callable[[str], Any], timeout: float = 60.0,
+                 *, count: int = 1, poll: float = POLL_INTERVAL) -> Any:
+        """Poll the serial console until ``what`` holds; returns its value.
+
+        ``what``: a marker string (wait until it appears ``count`` times; returns
+        the text), or a predicate called with the whole console text (returns its
+        first truthy value). Raises MachineTimeout after ``timeout`` s, and
+        MachineError as soon as QEMU exits without it holding.
+        """
+        if self.proc is None:
+            raise MachineError("machine not started")
+        if isinstance(what, str):
+            marker = what
+
+            def check(text: str):
+                return text if text.count(marker) >= count else None
+            desc = f"{marker!r} x{count}"
+        else:
+            check = what
+            desc = getattr(what, "__name__", repr(what))
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None
+            value = check(self.serial_text())   # read after poll(): nothing is lost
+            if value:
+                return value
+            if exited:
+                raise MachineError(self.describe(f"QEMU exited before {desc}"))
+            if time.monotonic() >= deadline:
+                raise MachineTimeout(self.describe(f"timeout ({timeout} s) waiting for {desc}"))
+            time.sleep(poll)
+
+    def wait_for_done(self, timeout: float = 60.0, boots: int = 1) -> list[BootResults]:
+        """Wait until ``boots`` boots have printed PVU-DONE; parse_results()."""
+        def done(text: str):
+            return count_done(text) >= boots
+        done.__name__ = f"PVU-DONE x{boots}"
+        self.wait_for(done, timeout)
+        return self.results()
+
+    # ---- QMP ------------------------------------------------------------------
+
+    def connect_qmp(self, timeout: float = 30.0) -> None:
+        """Connect to QEMU's QMP socket (retrying until ``timeout``)."""
+        from qemu.qmp import QMPClient   # PyPI qemu.qmp
+
+        if self.qmp_socket is None:
+            raise MachineError("machine started without QMP")
+        if self._qmp is not None:
+            return
+        if self._loop is None:
+            self._loop = _LoopThread()
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise MachineError(self.describe("QEMU exited before QMP answered"))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MachineTimeout(self.describe(
+                    f"QMP did not answer within {timeout} s (last error: {last!r}); "
+                    "is a vhost-user backend not answering?"))
+            if self.qmp_socket.exists():
+                client = QMPClient(self.name)
+                try:
+                    self._loop.run(self._connect(client), remaining)
+                    self._qmp = client
+                    return
+                except Exception as e:   # includes TimeoutError
+                    last = e
+                    try:
+                        self._loop.run(client.disconnect(), 5)
+                    except Exception:
+                        pass
+            time.sleep(POLL_INTERVAL)
+
+    async def _connect(self, client) -> None:
+        await client.connect(str(self.qmp_socket))
+        self._events_task = asyncio.get_running_loop().create_task(
+            self._collect_events(client))
+
+    async def _collect_events(self, client) -> None:
+        try:
+            async for event in client.events:
+                with self._events_cond:
+                    self.events.append(dict(event))
+                    self._events_cond.notify_all()
+        except Exception:
+            pass
+
+    @property
+    def qmp(self):
+        """The connected ``qemu.qmp.QMPClient`` (async; run coroutines with
+        ``run_async``) ."""
+        if self._qmp is None:
+            self.connect_qmp()
+        return self._qmp
+
+    def run_async(self, coro, timeout: float = 30.0):
+        """Run a coroutine on the QMP event loop thread; its result."""
+        if self._loop is None:
+            raise MachineError("QMP not connected")
+        return self._loop.run(coro, timeout)
+
+    def qmp_command(self, name: str, timeout: float = 30.0, **args) -> Any:
+        """Execute a QMP command; its return value. ``args`` use QMP's names
+        (pass dashes with **{"a-b": 1})."""
+        client = self.qmp
+        try:
+            return self._loop.run(client.execute(name, args or None), timeout)
+        except TimeoutError:
+            raise MachineTimeout(self.describe(
+                f"QMP {name} got no answer within {timeout} s")) from None
+
+    def wait_for_event(self, name: str, timeout: float = 30.0, *, count: int = 1) -> dict:
+        """Wait until ``count`` QMP events called ``name`` arrived; the last one."""
+        deadline = time.monotonic() + timeout
+        with self._events_cond:
+            while True:
+                seen = [e for e in self.events if e.get("event") == name]
+                if len(seen) >= count:
+                    return seen[count - 1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MachineTimeout(self.describe(
+                        f"timeout ({timeout} s) waiting for QMP event {name} x{count}"))
+                self._events_cond.wait(min(remaining, 0.5))

@@ -1,0 +1,17 @@
+"""Memory layer: guest regions mapped from fds, translated to zero-copy views."""
+
+from .errors import BadMemoryRegion, GuestMemoryError, UnmappedAddress
+from .address_space import AddressSpace, DirectSpace
+from .guest_memory import PAGE_SIZE, GuestMemory, MappedRegion, map_region
+
+__all__ = [
+    "PAGE_SIZE",
+    "AddressSpace",
+    "DirectSpace",
+    "BadMemoryRegion",
+    "GuestMemory",
+    "GuestMemoryError",
+    "MappedRegion",
+    "UnmappedAddress",
+    "map_region",
+]

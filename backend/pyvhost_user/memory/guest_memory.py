@@ -1,0 +1,218 @@
+"""Guest memory: regions mapped from the fds the front-end sends.
+
+A region is known by three addresses: guest physical (``gpa``), the
+front-end's own virtual address (``uva``: ring addresses arrive in it unless
+ACCESS_PLATFORM is negotiated) and an offset in the fd. Translation returns
+zero-copy ``memoryview`` slices of the mapping; a range that crosses regions
+comes back as several slices, in order.
+
+Unmapping never calls ``mmap.close()``: a queue worker may still hold a view
+into a region being removed, and closing under it would be a use-after-unmap.
+Dropping our reference instead lets the mapping go when the last view does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import BadMemoryRegion, UnmappedAddress
+
+PAGE_SIZE = mmap.PAGESIZE
+U64_LIMIT = 1 << 64
+
+AddressKind = Literal["gpa", "uva"]
+
+
+@dataclass(eq=False)
+class MappedRegion:
+    """One region of guest memory mapped into this process."""
+
+    guest_phys_addr: int
+    size: int
+    user_addr: int
+    mmap_offset: int
+    _mapping: mmap.mmap = field(repr=False)
+    _view: memoryview = field(repr=False)
+
+    @property
+    def gpa_end(self) -> int:
+        return self.guest_phys_addr + self.size
+
+    @property
+    def uva_end(self) -> int:
+        return self.user_addr + self.size
+
+    def slice(self, offset: int, length: int) -> memoryview:
+        return self._view[offset : offset + length]
+
+    def describe(self) -> str:
+        return (
+            f"gpa {self.guest_phys_addr:#x}-{self.gpa_end - 1:#x} "
+            f"uva {self.user_addr:#x} size {self.size:#x} ({self.size >> 20} MiB) "
+            f"fd offset {self.mmap_offset:#x}"
+        )
+
+
+def map_region(
+    fd: int, guest_phys_addr: int, size: int, user_addr: int, mmap_offset: int
+) -> MappedRegion:
+    """Map ``size`` bytes of ``fd`` at ``mmap_offset``, shared, read-write.
+
+    The fd is not closed here (the caller owns it). Raises ``BadMemoryRegion``
+    when the fd cannot be mapped (not a file, too small, not writable ...).
+    """
+    if size <= 0:
+        raise BadMemoryRegion(f"region of size {size}")
+    if guest_phys_addr + size > U64_LIMIT or user_addr + size > U64_LIMIT:
+        raise BadMemoryRegion("region wraps past 2**64")
+    aligned_offset = mmap_offset - mmap_offset % PAGE_SIZE
+    lead = mmap_offset - aligned_offset
+    try:
+        file_size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise BadMemoryRegion(f"fd {fd} cannot be inspected: {exc.strerror}") from None
+    if file_size and mmap_offset + size > file_size:
+        raise BadMemoryRegion(
+            f"region needs {mmap_offset + size:#x} bytes of its fd, which has {file_size:#x}"
+        )
+    try:
+        mapping = mmap.mmap(
+            fd,
+            lead + size,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=aligned_offset,
+        )
+    except (OSError, ValueError, OverflowError) as exc:
+        raise BadMemoryRegion(f"cannot map fd {fd}: {exc}") from None
+    view = memoryview(mapping)[lead : lead + size]
+    return MappedRegion(guest_phys_addr, size, user_addr, mmap_offset, mapping, view)
+
+
+class GuestMemory:
+    """The memory table: regions indexed by guest physical and user address."""
+
+    def __init__(self, max_regions: int = 32) -> None:
+        self.max_regions = max_regions
+        self._by_gpa: list[MappedRegion] = []
+        self._gpa_starts: list[int] = []
+        self._by_uva: list[MappedRegion] = []
+        self._uva_starts: list[int] = []
+        self.generation = 0  # bumped on every change; queues re-resolve rings on change
+
+    # -- table changes -------------------------------------------------------
+    @property
+    def regions(self) -> tuple[MappedRegion, ...]:
+        return tuple(self._by_gpa)
+
+    def __len__(self) -> int:
+        return len(self._by_gpa)
+
+    def total_bytes(self) -> int:
+        return sum(r.size for r in self._by_gpa)
+
+    def add(self, region: MappedRegion) -> None:
+        """Insert a mapped region; refuses overlap in either address space."""
+        if len(self._by_gpa) >= self.max_regions:
+            raise BadMemoryRegion(f"memory table full ({self.max_regions} regions)")
+        for other in self._by_gpa:
+            if _overlaps(region.guest_phys_addr, region.size, other.guest_phys_addr, other.size):
+                raise BadMemoryRegion(
+                    f"region at gpa {region.guest_phys_addr:#x} overlaps {other.describe()}"
+                )
+            if _overlaps(region.user_addr, region.size, other.user_addr, other.size):
+                raise BadMemoryRegion(
+                    f"region at uva {region.user_addr:#x} overlaps {other.describe()}"
+                )
+        self._insert(self._by_gpa, self._gpa_starts, region, region.guest_phys_addr)
+        self._insert(self._by_uva, self._uva_starts, region, region.user_addr)
+        self.generation += 1
+
+    def remove(self, guest_phys_addr: int, size: int, user_addr: int) -> MappedRegion:
+        """Remove the region with exactly these addresses (REM_MEM_REG)."""
+        for region in self._by_gpa:
+            if (
+                region.guest_phys_addr == guest_phys_addr
+                and region.size == size
+                and region.user_addr == user_addr
+            ):
+                i = self._by_gpa.index(region)
+                del self._by_gpa[i], self._gpa_starts[i]
+                j = self._by_uva.index(region)
+                del self._by_uva[j], self._uva_starts[j]
+                self.generation += 1
+                return region
+        raise BadMemoryRegion(
+            f"no region gpa {guest_phys_addr:#x} size {size:#x} uva {user_addr:#x} to remove"
+        )
+
+    def clear(self) -> None:
+        self._by_gpa.clear()
+        self._gpa_starts.clear()
+        self._by_uva.clear()
+        self._uva_starts.clear()
+        self.generation += 1
+
+    @staticmethod
+    def _insert(
+        table: list[MappedRegion], starts: list[int], region: MappedRegion, start: int
+    ) -> None:
+        i = bisect.bisect_left(starts, start)
+        starts.insert(i, start)
+        table.insert(i, region)
+
+    # -- translation ---------------------------------------------------------
+    def views(self, kind: AddressKind, addr: int, length: int) -> list[memoryview]:
+        """Zero-copy views covering ``[addr, addr+length)``; raises ``UnmappedAddress``.
+
+        ``kind`` is "gpa" (descriptor buffers) or "uva" (ring addresses).
+        """
+        if length < 0 or addr < 0 or addr + length > U64_LIMIT:
+            raise UnmappedAddress(kind, addr, length, "range wraps past 2**64")
+        if length == 0:
+            return []
+        table, starts = (
+            (self._by_gpa, self._gpa_starts) if kind == "gpa" else (self._by_uva, self._uva_starts)
+        )
+        out: list[memoryview] = []
+        cursor, remaining = addr, length
+        while remaining:
+            i = bisect.bisect_right(starts, cursor) - 1
+            if i < 0:
+                raise UnmappedAddress(kind, addr, length, f"{cursor:#x} is below every region")
+            region = table[i]
+            base = starts[i]
+            if cursor >= base + region.size:
+                raise UnmappedAddress(kind, addr, length, f"{cursor:#x} is in no region")
+            offset = cursor - base
+            take = min(remaining, region.size - offset)
+            out.append(region.slice(offset, take))
+            cursor += take
+            remaining -= take
+        return out
+
+    def view(self, kind: AddressKind, addr: int, length: int) -> memoryview:
+        """One contiguous view (rings must not cross regions); raises ``UnmappedAddress``."""
+        parts = self.views(kind, addr, length)
+        if len(parts) != 1:
+            if not parts:
+                return memoryview(b"")
+            raise UnmappedAddress(kind, addr, length, "range crosses a region boundary")
+        return parts[0]
+
+    def uva_to_gpa(self, user_addr: int) -> int:
+        """The guest physical address of a front-end virtual address (for dirty logging)."""
+        i = bisect.bisect_right(self._uva_starts, user_addr) - 1
+        if i >= 0:
+            region = self._by_uva[i]
+            if user_addr < region.uva_end:
+                return region.guest_phys_addr + (user_addr - region.user_addr)
+        raise UnmappedAddress("uva", user_addr, 1, "not in any region")
+
+
+def _overlaps(a: int, a_len: int, b: int, b_len: int) -> bool:
+    return a < b + b_len and b < a + a_len

@@ -1,0 +1,283 @@
+"""The socket side: listen, serve one front-end at a time, stop on a signal.
+
+This is the only module that touches the vhost-user socket. It reads with
+``recvmsg`` (header and fds together), feeds the sans-IO ``MessageReader``,
+hands each message to the ``Session`` and writes the replies with
+``sendmsg``. A front-end that breaks the framing or disappears ends its
+session (rings stopped, fds and mappings released); the next one is served.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+from collections.abc import Callable
+
+from ..devices.base import Device
+from ..wire import (
+    NEED_DATA,
+    FramingError,
+    MalformedMessage,
+    Message,
+    MessageReader,
+    close_all,
+    encode_message,
+)
+from .session import Disconnect, Session
+
+log = logging.getLogger(__name__)
+trace = logging.getLogger("pyvhost_user.trace")
+
+# Room for more fds than the protocol allows, so a flood is seen (and
+# refused) instead of silently truncated by the kernel.
+FD_SPACE = socket.CMSG_SPACE(32 * array.array("i").itemsize)
+
+
+def recv_with_fds(sock: socket.socket, nbytes: int) -> tuple[bytes, list[int]]:
+    data, ancdata, msg_flags, _addr = sock.recvmsg(nbytes, FD_SPACE)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+            fds.extend(got)
+    if msg_flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        raise FramingError("control data truncated: the peer sent too many fds")
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return data, fds
+
+
+def send_message(sock: socket.socket, message: Message) -> None:
+    data, fds = encode_message(message)
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
+
+
+class StopRequested(Exception):
+    pass
+
+
+class BackendServer:
+    """Serves a device to one front-end at a time on a Unix socket."""
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        socket_path: str | None = None,
+        fd: int | None = None,
+        socket_mode: int = 0o600,
+        on_listening: Callable[[], None] | None = None,
+    ) -> None:
+        if (socket_path is None) == (fd is None):
+            raise ValueError("exactly one of socket_path and fd")
+        self.device = device
+        self.socket_path = socket_path
+        self._on_listening = on_listening
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = False
+        self.sessions_served = 0
+        self.session: Session | None = None
+        self._owns_socket_file = False
+        if socket_path is not None:
+            self.listener: socket.socket | None = self._listen(socket_path, socket_mode)
+            self._inherited_connection: socket.socket | None = None
+        else:
+            assert fd is not None
+            sock = socket.socket(fileno=fd)
+            if sock.family != socket.AF_UNIX:
+                raise ValueError(f"--fd {fd} is not a Unix socket")
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            self.listener = sock if listening else None
+            self._inherited_connection = None if listening else sock
+
+    def _listen(self, path: str, mode: int) -> socket.socket:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ValueError(f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket left by a dead process
+            else:
+                probe.close()
+                raise ValueError(f"{path} is in use by another process")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(4)
+        self._owns_socket_file = True
+        return sock
+
+    # -- signals -------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    # -- serving -------------------------------------------------------------
+    def serve_forever(self) -> None:
+        if self._on_listening:
+            self._on_listening()
+        try:
+            if self._inherited_connection is not None:
+                self._serve_connection(self._inherited_connection)
+                return
+            assert self.listener is not None
+            log.info("listening on %s", self.socket_path or f"fd {self.listener.fileno()}")
+            while not self._stop:
+                ready = self._wait([self.listener.fileno()])
+                if self.listener.fileno() in ready:
+                    conn, _ = self.listener.accept()
+                    self._serve_connection(conn)
+        except StopRequested:
+            pass
+        finally:
+            self.close()
+
+    def _wait(self, fds: list[int]) -> set[int]:
+        poller = select.poll()
+        for fd in [*fds, self._wake_r]:
+            poller.register(fd, select.POLLIN)
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            ready = {fd for fd, _ in events}
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    pass
+            if self._stop:
+                raise StopRequested
+            ready.discard(self._wake_r)
+            if ready:
+                return ready
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        self.sessions_served += 1
+        number = self.sessions_served
+        log.info("front-end %d connected", number)
+        session = Session(self.device)
+        self.session = session
+        reader = MessageReader()
+        reason = "closed by the front-end"
+        try:
+            while True:
+                ready = self._wait_connection(conn)
+                if ready == "second":
+                    continue
+                # One message at a time, header first: see wire/codec.py on fds.
+                data, fds = recv_with_fds(conn, reader.bytes_needed() or 12)
+                if not data:
+                    close_all(fds)
+                    if reader.buffered_bytes:
+                        reason = f"closed by the front-end mid-message ({reader.buffered_bytes} bytes pending)"
+                    break
+                reader.receive(data, fds)
+                while True:
+                    try:
+                        message = reader.next_message()
+                    except MalformedMessage as exc:
+                        log.error("malformed message refused: %s", exc)
+                        for answer in session.refuse_malformed(
+                            exc.request, bool(exc.flags & 0x8)
+                        ):
+                            self._send(conn, answer)
+                        continue
+                    if message is NEED_DATA:
+                        break
+                    assert isinstance(message, Message)
+                    trace.debug("<- %s", message)
+                    for answer in session.handle(message):
+                        self._send(conn, answer)
+        except FramingError as exc:
+            reason = f"protocol framing broken: {exc}"
+            log.error("front-end %d: %s", number, reason)
+        except Disconnect as exc:
+            reason = str(exc)
+            log.error("front-end %d: %s", number, reason)
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                reason = f"connection lost: {exc.strerror}"
+            else:
+                reason = f"socket error: {exc}"
+                log.error("front-end %d: %s", number, reason)
+        except StopRequested:
+            reason = "back-end stopping"
+            raise
+        except Exception as exc:
+            # A bug of ours: the session is dropped, the process serves the next one.
+            log.exception("front-end %d: internal error", number)
+            reason = f"internal error: {exc!r}"
+        finally:
+            reader.close()
+            session.close()
+            self.session = None
+            conn.close()
+            log.info("front-end %d disconnected: %s", number, reason)
+
+    def _wait_connection(self, conn: socket.socket) -> str:
+        fds = [conn.fileno()]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        ready = self._wait(fds)
+        if self.listener is not None and self.listener.fileno() in ready:
+            other, _ = self.listener.accept()
+            other.close()
+            log.warning("refused a second front-end: one is already connected")
+            if conn.fileno() not in ready:
+                return "second"
+        return "data"
+
+    def _send(self, conn: socket.socket, message: Message) -> None:
+        trace.debug("-> %s", message)
+        send_message(conn, message)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self._owns_socket_file and self.socket_path:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+            self._owns_socket_file = False
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1

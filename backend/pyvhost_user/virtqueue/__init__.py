@@ -1,0 +1,17 @@
+"""Virtqueue layer: split rings and descriptor chains over guest memory."""
+
+from .chain import DescriptorChain, walk_chain
+from .errors import BadChain, InvalidQueueConfig, QueueCorrupted, QueueError
+from .split import QueueConfig, SplitQueue, signal_eventfd
+
+__all__ = [
+    "BadChain",
+    "DescriptorChain",
+    "InvalidQueueConfig",
+    "QueueConfig",
+    "QueueCorrupted",
+    "QueueError",
+    "SplitQueue",
+    "signal_eventfd",
+    "walk_chain",
+]

@@ -1,0 +1,190 @@
+"""Split virtqueues: what the front-end configures, and the running ring.
+
+``QueueConfig`` is what vhost-user messages change (size, addresses, base,
+eventfds, enable); only the dispatcher touches it. ``SplitQueue.activate``
+checks it against guest memory and yields the running ring that a queue
+worker pops chains from and pushes completions to.
+
+Ordering: the ring is shared with another CPU. On x86-64 (the only target
+QEMU runs guests on here) stores are not reordered with other stores nor
+loads with other loads, so writing the used element before the used index,
+and reading the avail index before the ring entry, is enough.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from ..memory.address_space import AddressSpace
+from ..memory.errors import GuestMemoryError
+from .chain import DESC_SIZE, DescriptorChain, walk_chain
+from .errors import InvalidQueueConfig, QueueCorrupted
+
+U16: Final = struct.Struct("<H")
+USED_ELEM: Final = struct.Struct("<II")
+MAX_QUEUE_SIZE: Final = 32768
+VRING_AVAIL_F_NO_INTERRUPT: Final = 1
+EVENTFD_ONE: Final = (1).to_bytes(8, "little")
+
+
+@dataclass(slots=True)
+class QueueConfig:
+    """Per-ring state set by the front-end's messages."""
+
+    index: int
+    size: int = 0
+    desc_addr: int | None = None
+    avail_addr: int | None = None
+    used_addr: int | None = None
+    log_guest_addr: int = 0
+    log_used: bool = False
+    base: int = 0  # next avail index to read (SET/GET_VRING_BASE)
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    broken: bool = False  # the driver broke the ring; nothing is served until restart
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, name, None)
+
+    def replace_fd(self, name: str, fd: int | None) -> None:
+        old = getattr(self, name)
+        if old is not None and old != fd:
+            try:
+                os.close(old)
+            except OSError:
+                pass
+        setattr(self, name, fd)
+
+    @property
+    def addresses_set(self) -> bool:
+        return None not in (self.desc_addr, self.avail_addr, self.used_addr)
+
+
+class SplitQueue:
+    """A running split ring. Not thread-safe: one worker owns it."""
+
+    def __init__(
+        self,
+        config: QueueConfig,
+        rings: AddressSpace,
+        buffers: AddressSpace,
+        *,
+        event_idx: bool,
+        indirect: bool,
+    ) -> None:
+        size = config.size
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise InvalidQueueConfig(f"queue {config.index}: size {size} is not a power of 2 <= 32768")
+        if not config.addresses_set:
+            raise InvalidQueueConfig(f"queue {config.index}: ring addresses not set")
+        assert config.desc_addr is not None and config.avail_addr is not None
+        assert config.used_addr is not None
+        for name, addr, align in (
+            ("descriptor table", config.desc_addr, 16),
+            ("avail ring", config.avail_addr, 2),
+            ("used ring", config.used_addr, 4),
+        ):
+            if addr % align:
+                raise InvalidQueueConfig(f"queue {config.index}: {name} {addr:#x} misaligned")
+        try:
+            self.desc_table = rings.view(config.desc_addr, DESC_SIZE * size, write=False)
+            self.avail = rings.view(config.avail_addr, 6 + 2 * size, write=False)
+            self.used = rings.view(config.used_addr, 6 + 8 * size, write=True)
+        except GuestMemoryError as exc:
+            raise InvalidQueueConfig(f"queue {config.index}: {exc}") from None
+        self.index = config.index
+        self.size = size
+        self.buffers = buffers
+        self.rings = rings
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail_idx = config.base & 0xFFFF
+        # The used index lives in guest memory: after a reconnect or migration
+        # it is where the previous owner left it.
+        self.used_idx = U16.unpack_from(self.used, 2)[0]
+        self._signalled_used = self.used_idx
+        self._signalled_valid = False
+
+    # -- driver -> device ----------------------------------------------------
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self.avail, 2)[0]
+
+    def pending(self) -> int:
+        """How many chains the driver made available that we have not popped."""
+        pending = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise QueueCorrupted(
+                f"queue {self.index}: avail index moved {pending} ahead (queue size {self.size})"
+            )
+        return pending
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None. Raises ``BadChain``/``QueueCorrupted``."""
+        if not self.pending():
+            return None
+        slot = self.last_avail_idx % self.size
+        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        if head >= self.size:
+            raise QueueCorrupted(f"queue {self.index}: avail ring names head {head} >= {self.size}")
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return walk_chain(
+            head,
+            self.desc_table,
+            self.size,
+            self.buffers,
+            indirect_allowed=self.indirect,
+        )
+
+    def enable_notifications(self) -> None:
+        """Ask the driver to kick for anything after what we have popped (EVENT_IDX)."""
+        if self.event_idx:
+            U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail_idx)
+
+    # -- device -> driver ----------------------------------------------------
+    def push_used(self, head: int, length: int) -> None:
+        slot = self.used_idx % self.size
+        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver asked to be interrupted for what was pushed since last time."""
+        new = self.used_idx
+        old = self._signalled_used
+        self._signalled_used = new
+        if not self.event_idx:
+            flags = U16.unpack_from(self.avail, 0)[0]
+            return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        if not self._signalled_valid:
+            self._signalled_valid = True
+            return True
+        used_event = U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+        # vring_need_event(): interrupt when used_event lies in [old, new).
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def used_ring_range(self) -> tuple[int, int]:
+        """(offset, length) of the used ring in its address space, for dirty logging."""
+        return 0, 6 + 8 * self.size
+
+
+def signal_eventfd(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, EVENTFD_ONE)
+    except BlockingIOError:
+        pass  # counter saturated: the reader will wake anyway
+    except OSError:
+        pass  # the front-end closed it; nothing to tell
