@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from pyvhost_user.launch import Machine, VhostUserBlk, find_qemu, guest_image
 from pyvhost_user.launch.qemu_binaries import qemu_storage_daemon
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from pyvhost_user.launch import SUPPORTED_VERSIONS as QEMU_VERSIONS
 
 BACKENDS = ["qsd"]
@@ -96,6 +95,8 @@ def test_guest_reboots_reset_the_device(
     m = machine_factory(qemu_version, [backend.device()], steps=["md5", "write"],
                         write_mib=2, reboot=True)
     boots = m.wait_for_done(timeout=100, boots=3)
+    reset = m.wait_for_event("RESET", timeout=10, count=2)
+    assert reset["data"]["guest"] is True
     t = time.monotonic()
     m.shutdown()
     assert time.monotonic() - t < 15

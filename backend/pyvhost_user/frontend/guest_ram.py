@@ -131,7 +131,12 @@ class GuestRam:
         for region in self.regions:
             region.view.release()
         for mapping in self._mappings:
-            mapping.close()
+            try:
+                mapping.close()
+            except BufferError:
+                # A caller still holds a view (a ring, a ``view()`` result): the
+                # mapping goes when the last view does; closing under it would crash.
+                pass
         for fd in self._fds:
             os.close(fd)
         self._mappings.clear()

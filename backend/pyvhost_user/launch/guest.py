@@ -59,7 +59,7 @@ def _build(cache: str) -> tuple[Path, Path]:
     # and rebuilds it when init.sh or the builder changed.
     try:
         out = subprocess.run([sys.executable, str(script), "--cache", cache],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise GuestImageError(f"{script} could not run: {e}") from e
     if out.returncode != 0:

@@ -21,9 +21,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from .guest import BootResults, count_done, guest_image, kernel_args, parse_results
 from .qemu_binaries import QemuBinary, find_qemu
@@ -58,13 +59,17 @@ def _tail(path: Path | None, lines: int = 40) -> str:
     return "\n".join(out) if out else "(empty)"
 
 
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl   # loaded before any fork
+except (OSError, AttributeError):  # pragma: no cover
+    _prctl = None
+
+
 def _die_with_parent() -> None:
-    """preexec_fn: QEMU gets SIGTERM when the thread that started it dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - best effort
-        pass
+    """preexec_fn: QEMU gets SIGTERM when the thread that started it dies
+    (pytest's main thread, or this process killed by a timeout)."""
+    if _prctl is not None:
+        _prctl(1, int(signal.SIGTERM), 0, 0, 0)   # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -222,7 +227,7 @@ class Machine:
 
     # ---- life cycle ---------------------------------------------------------
 
-    def start(self, *, wait_qmp: bool = True, timeout: float = 30.0) -> "Machine":
+    def start(self, *, wait_qmp: bool = True, timeout: float = 30.0) -> Machine:
         """Start QEMU; with QMP, wait (up to ``timeout``) until QMP answers.
 
         QEMU answers QMP only after it has set up its devices, i.e. after the
@@ -258,7 +263,7 @@ class Machine:
                 raise
         return self
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         if self.proc is None:
             self.start()
         return self
@@ -286,10 +291,12 @@ class Machine:
         if self.proc is None:
             raise MachineError("machine not started")
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise MachineTimeout(self.describe(
                 f"QEMU still running after {timeout} s")) from None
+        self._close()
+        return code
 
     def shutdown(self, timeout: float = 10.0) -> int | None:
         """Stop QEMU: QMP quit, wait, then SIGTERM / SIGKILL by pid. Idempotent."""
@@ -420,7 +427,7 @@ class Machine:
 
     def connect_qmp(self, timeout: float = 30.0) -> None:
         """Connect to QEMU's QMP socket (retrying until ``timeout``)."""
-        from qemu.qmp import QMPClient   # PyPI qemu.qmp
+        from qemu.qmp import QMPClient  # PyPI qemu.qmp
 
         if self.qmp_socket is None:
             raise MachineError("machine started without QMP")

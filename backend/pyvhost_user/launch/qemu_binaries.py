@@ -63,12 +63,12 @@ def _missing(version: str, what: str) -> QemuNotFoundError:
         f"Debian and unpacks QEMU 10.0 from bookworm-backports into {cache_dir()}).")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_version(path: str, env_items: tuple[tuple[str, str], ...]) -> str:
     env = dict(os.environ)
     env.update(dict(env_items))
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True,
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False,
                              timeout=30, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"error: {e}"

@@ -17,6 +17,8 @@ and the fds that came with a chunk belong to the message it is part of.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -42,6 +44,7 @@ from .messages import (
     InflightDescription,
     IotlbMsg,
     LogDescription,
+    MemRegion,
     MemTable,
     Payload,
     PayloadSizeError,
@@ -178,7 +181,30 @@ class Message:
         name = request_name(self.request, self.backend_channel)
         extra = " NEED_REPLY" if self.need_reply else ""
         fds = f" fds={len(self.fds)}" if self.fds else ""
-        return f"{name}{' reply' if self.is_reply else ''}{extra} {self.payload}{fds}"
+        return f"{name}{' reply' if self.is_reply else ''}{extra} {describe_payload(self.payload)}{fds}"
+
+
+def describe_payload(payload: Payload) -> str:
+    """A trace-friendly rendering: addresses in hex, config bytes abbreviated."""
+    if isinstance(payload, Empty):
+        return ""
+    if isinstance(payload, MemTable):
+        return "; ".join(describe_payload(r) for r in payload.regions)
+    if isinstance(payload, SingleMemRegion):
+        return describe_payload(payload.region)
+    parts = []
+    for f in dataclasses.fields(payload):
+        name, value = f.name, getattr(payload, f.name)
+        if isinstance(value, bytes):
+            shown = value[:16].hex()
+            parts.append(f"{name}={shown}{'...' if len(value) > 16 else ''}")
+        elif isinstance(value, enum.Enum):
+            parts.append(f"{name}={value.name}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 4096:
+            parts.append(f"{name}={value:#x}")
+        else:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
 
 
 def request_name(code: int, backend_channel: bool = False) -> str:

@@ -1,0 +1,61 @@
+"""Unit tests of the launch package that need no QEMU."""
+
+from __future__ import annotations
+
+import pytest
+from pyvhost_user.launch import VhostUserBlk, kernel_args, parse_results
+
+LOG = """\
+SeaBIOS (version 1.16.2-debian-1.16.2-1)
+[    1.837311] Run /init as init process
+PVU-BOOT
+PVU-RESULT queues=1
+PVU-RESULT size=67108864
+[    2.1] some kernel message PVU-RESULT md5=0123abc
+PVU-DONE
+[   23.871442] reboot: Restarting system
+PVU-BOOT\r
+PVU-ERROR no block device /dev/vda after 20 s\r
+PVU-RESULT disk=missing\r
+PVU-DMESG [    1.349393] mip6: Mobile IPv6
+PVU-BOOT
+PVU-RESULT md5=ff
+"""
+
+
+def test_parse_results_splits_boots():
+    boots = parse_results(LOG)
+    assert len(boots) == 3
+    assert boots[0] == {"queues": "1", "size": "67108864", "md5": "0123abc"}
+    assert boots[0].done and not boots[0].errors
+    assert boots[1] == {"disk": "missing"}
+    assert not boots[1].done
+    assert boots[1].errors == ["no block device /dev/vda after 20 s"]
+    assert boots[1].dmesg == ["[    1.349393] mip6: Mobile IPv6"]
+    assert boots[2] == {"md5": "ff"} and not boots[2].done
+
+
+def test_parse_results_ignores_text_before_first_boot():
+    assert parse_results("PVU-RESULT a=1\nPVU-DONE\n") == []
+
+
+def test_kernel_args():
+    assert kernel_args(["md5", "write"], write_mib=8, reboot=True) == [
+        "pvu_steps=md5,write", "pvu_write_mib=8", "pvu_reboot=1"]
+    assert kernel_args("queues", disk="vdb", pvu_x=3) == [
+        "pvu_steps=queues", "pvu_disk=vdb", "pvu_x=3"]
+    with pytest.raises(ValueError):
+        kernel_args(["fio"])
+    with pytest.raises(ValueError):
+        kernel_args([], **{"a.b": 1})
+
+
+def test_vhost_user_blk_args():
+    d = VhostUserBlk("/s,ock", num_queues=2, reconnect=1, options={"queue-size": 128,
+                                                                  "config-wce": False})
+    assert d.args(0) == [
+        "-chardev", "socket,id=char-blk0,path=/s,,ock,reconnect=1",
+        "-device", ("vhost-user-blk-pci,id=blk0,chardev=char-blk0,num-queues=2,"
+                    "queue-size=128,config-wce=off")]
+    with pytest.raises(ValueError):
+        VhostUserBlk("/" + "x" * 120).args(0)
