@@ -1,0 +1,247 @@
+"""One device IOTLB per address space (ASID): IOVA -> front-end virtual address.
+
+The rules mirror Linux vhost/vDPA (``drivers/vhost/vdpa.c``,
+``drivers/vdpa/vdpa_sim/vdpa_sim.c``), each in a method named after it:
+
+* an UPDATE that overlaps an entry already in the ASID is refused
+  (``-EEXIST`` in the kernel): entries never silently replace each other;
+* an INVALIDATE removes every entry it overlaps, whole (entries are not
+  split), and a range that wraps does nothing, as in the kernel;
+* invalidating everything leaves the ASID *empty*, which is not its default;
+* ``reset_map`` puts the ASID back in its default state in O(1): for the
+  identity default that is one "passthrough" flag (iova == guest physical
+  address over the whole memory table), as vdpa_sim keeps it, so resetting
+  costs the same whatever was mapped;
+* the first UPDATE on a passthrough ASID drops the passthrough first.
+
+Lookups are O(log n) (bisect over entry starts).
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import threading
+from dataclasses import dataclass
+
+from .errors import GuestMemoryError, UnmappedAddress
+from .guest_memory import GuestMemory
+
+U64_MASK = (1 << 64) - 1
+PERM_READ = 1
+PERM_WRITE = 2
+
+
+class DefaultMapping(enum.Enum):
+    """What an ASID holds after creation and after reset_map."""
+
+    IDENTITY = "identity"  # 1:1 over the memory table (an on-chip IOMMU's initial state)
+    EMPTY = "empty"  # nothing: every access misses to the front-end (a guest vIOMMU)
+
+
+class IotlbError(GuestMemoryError):
+    """An IOTLB update or invalidate the rules refuse."""
+
+
+class IotlbMiss(UnmappedAddress):
+    """No entry covers the address with the permission needed: ask the front-end."""
+
+    def __init__(self, asid: int, iova: int, length: int, perm: int, detail: str) -> None:
+        super().__init__(f"iova(asid {asid})", iova, length, detail)
+        self.asid = asid
+        self.iova = iova
+        self.perm = perm
+
+
+class IotlbAccessDenied(UnmappedAddress):
+    """An entry covers the address but without the permission needed."""
+
+    def __init__(self, asid: int, iova: int, length: int, perm: int, detail: str) -> None:
+        super().__init__(f"iova(asid {asid})", iova, length, detail)
+        self.asid = asid
+        self.iova = iova
+        self.perm = perm
+
+
+@dataclass(frozen=True, slots=True)
+class IotlbEntry:
+    iova: int
+    size: int
+    uaddr: int
+    perm: int
+
+    @property
+    def last(self) -> int:
+        return self.iova + self.size - 1
+
+
+class Iotlb:
+    """The IOTLB of one ASID. Thread-safe: workers translate while the dispatcher updates."""
+
+    def __init__(self, asid: int, memory: GuestMemory, default: DefaultMapping) -> None:
+        self.asid = asid
+        self.memory = memory
+        self.default = default
+        self.passthrough = default is DefaultMapping.IDENTITY
+        self._starts: list[int] = []
+        self._entries: list[IotlbEntry] = []
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)  # waiters for an UPDATE after a miss
+        self.generation = 0
+        self.mapped_bytes = 0
+        self.touched = False  # changed by the front-end since it connected
+
+    # -- state ---------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def is_default(self) -> bool:
+        return self.passthrough == (self.default is DefaultMapping.IDENTITY) and not self._entries
+
+    def entries(self) -> list[IotlbEntry]:
+        with self._lock:
+            return list(self._entries)
+
+    def describe(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "asid": self.asid,
+                "default": self.default.value,
+                "state": "passthrough" if self.passthrough else ("empty" if not self._entries else "mapped"),
+                "entries": len(self._entries),
+                "mapped_bytes": self.memory.total_bytes() if self.passthrough else self.mapped_bytes,
+            }
+
+    # -- kernel rules ----------------------------------------------------------
+    def update_refusing_overlap(self, iova: int, size: int, uaddr: int, perm: int) -> None:
+        """Add an entry; refuse one that overlaps an existing entry (kernel: -EEXIST)."""
+        if size == 0 or iova + size - 1 > U64_MASK:
+            raise IotlbError(f"asid {self.asid}: update {iova:#x}+{size:#x} is empty or wraps")
+        if not perm & (PERM_READ | PERM_WRITE):
+            raise IotlbError(f"asid {self.asid}: update {iova:#x}+{size:#x} grants no access")
+        # "Addresses and size must be within vhost memory regions" (vhost-user.rst)
+        try:
+            self.memory.views("uva", uaddr, size)
+        except UnmappedAddress as exc:
+            raise IotlbError(f"asid {self.asid}: update target {exc}") from None
+        entry = IotlbEntry(iova, size, uaddr, perm)
+        with self._lock:
+            if self.passthrough:
+                # vdpa_sim: the first real mapping replaces the identity one.
+                self.passthrough = False
+            clash = self._first_overlap(iova, entry.last)
+            if clash is not None:
+                raise IotlbError(
+                    f"asid {self.asid}: update {iova:#x}-{entry.last:#x} overlaps entry "
+                    f"{clash.iova:#x}-{clash.last:#x}"
+                )
+            i = bisect.bisect_left(self._starts, iova)
+            self._starts.insert(i, iova)
+            self._entries.insert(i, entry)
+            self.mapped_bytes += size
+            self._changed()
+
+    def invalidate_overlapping_whole(self, iova: int, size: int) -> int:
+        """Remove every entry overlapping the range, whole; return how many.
+
+        The range is ``[iova, iova + size - 1]`` computed modulo 2**64, as the
+        kernel does: ``iova=0, size=0`` covers everything, a range whose end
+        wraps below its start covers nothing.
+        """
+        last = (iova + size - 1) & U64_MASK
+        with self._lock:
+            if self.passthrough and last >= iova:
+                # Invalidating any part of the identity map leaves the ASID empty.
+                self.passthrough = False
+            if last < iova:
+                return 0
+            lo = bisect.bisect_left(self._starts, iova)
+            if lo > 0 and self._entries[lo - 1].last >= iova:
+                lo -= 1
+            hi = bisect.bisect_right(self._starts, last)
+            removed = self._entries[lo:hi]
+            del self._entries[lo:hi], self._starts[lo:hi]
+            self.mapped_bytes -= sum(e.size for e in removed)
+            self._changed()
+            return len(removed)
+
+    def reset_map(self) -> None:
+        """Back to the default state, in O(1) whatever is mapped (the seed's .reset_map)."""
+        with self._lock:
+            self._entries = []
+            self._starts = []
+            self.mapped_bytes = 0
+            self.passthrough = self.default is DefaultMapping.IDENTITY
+            self.touched = False
+            self._changed()
+
+    def _changed(self) -> None:
+        self.generation += 1
+        self.touched = True
+        self.changed.notify_all()
+
+    def _first_overlap(self, iova: int, last: int) -> IotlbEntry | None:
+        i = bisect.bisect_right(self._starts, last) - 1
+        if i >= 0 and self._entries[i].last >= iova:
+            return self._entries[i]
+        return None
+
+    # -- translation -------------------------------------------------------------
+    def translate(self, iova: int, length: int, perm: int) -> list[memoryview]:
+        """Views of ``[iova, iova+length)`` if entries grant ``perm``; else raise.
+
+        Raises ``IotlbMiss`` (nothing mapped there: ask the front-end) or
+        ``IotlbAccessDenied`` (mapped without the permission: the request fails).
+        """
+        if length == 0:
+            return []
+        if iova + length - 1 > U64_MASK:
+            raise IotlbAccessDenied(self.asid, iova, length, perm, "range wraps past 2**64")
+        with self._lock:
+            if self.passthrough:
+                pieces = [("gpa", iova, length)]
+            else:
+                pieces = self._resolve(iova, length, perm)
+        out: list[memoryview] = []
+        for kind, addr, size in pieces:
+            out.extend(self.memory.views(kind, addr, size))  # type: ignore[arg-type]
+        return out
+
+    def _resolve(self, iova: int, length: int, perm: int) -> list[tuple[str, int, int]]:
+        pieces: list[tuple[str, int, int]] = []
+        cursor, remaining = iova, length
+        while remaining:
+            i = bisect.bisect_right(self._starts, cursor) - 1
+            entry = self._entries[i] if i >= 0 else None
+            if entry is None or entry.last < cursor:
+                raise IotlbMiss(self.asid, cursor, remaining, perm, "no entry")
+            if entry.perm & perm != perm:
+                raise IotlbAccessDenied(
+                    self.asid, cursor, remaining, perm,
+                    f"entry {entry.iova:#x}-{entry.last:#x} grants perm {entry.perm}, needs {perm}",
+                )
+            take = min(remaining, entry.last - cursor + 1)
+            pieces.append(("uva", entry.uaddr + (cursor - entry.iova), take))
+            cursor += take
+            remaining -= take
+        return pieces
+
+
+class IotlbSpace:
+    """An ``AddressSpace`` that reads guest memory through one ASID's IOTLB."""
+
+    def __init__(self, iotlb: Iotlb) -> None:
+        self.iotlb = iotlb
+        self.name = f"iova(asid {iotlb.asid})"
+
+    def views(self, addr: int, length: int, *, write: bool) -> list[memoryview]:
+        return self.iotlb.translate(addr, length, PERM_WRITE if write else PERM_READ)
+
+    def view(self, addr: int, length: int, *, write: bool) -> memoryview:
+        parts = self.views(addr, length, write=write)
+        if len(parts) != 1:
+            if not parts:
+                return memoryview(b"")
+            raise UnmappedAddress(self.name, addr, length, "range is not contiguous in memory")
+        return parts[0]
