@@ -31,7 +31,11 @@ GiB = 1 << 30
 UVA_BASE = 0x7F00_0000_0000
 UVA_REGION_STRIDE = 0x10_0000_0000  # 64 GiB between regions' user addresses
 # (gpa, size) of each region: two adjacent, then a hole up to 4 GiB.
-DEFAULT_LAYOUT: tuple[tuple[int, int], ...] = ((0, 16 * MiB), (16 * MiB, 16 * MiB), (4 * GiB, 16 * MiB))
+DEFAULT_LAYOUT: tuple[tuple[int, int], ...] = (
+    (0, 16 * MiB),
+    (16 * MiB, 16 * MiB),
+    (4 * GiB, 16 * MiB),
+)
 
 
 class GuestRamError(FrontendError):

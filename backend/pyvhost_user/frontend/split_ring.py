@@ -217,8 +217,9 @@ class SplitRing:
             for i, (gpa, length, writable) in enumerate(segments):
                 flags = VIRTQ_DESC_F_WRITE if writable else 0
                 last = i == len(segments) - 1
-                entries += DESC.pack(gpa, length, flags | (0 if last else VIRTQ_DESC_F_NEXT),
-                                     0 if last else i + 1)
+                if not last:
+                    flags |= VIRTQ_DESC_F_NEXT
+                entries += DESC.pack(gpa, length, flags, 0 if last else i + 1)
             self.ram.write(table, entries)
             ids = self.take_descriptors(1)
             self.write_descriptor(ids[0], table, len(entries), VIRTQ_DESC_F_INDIRECT, 0)
@@ -226,10 +227,11 @@ class SplitRing:
             ids = self.take_descriptors(len(segments))
             for i, (gpa, length, writable) in enumerate(segments):
                 flags = VIRTQ_DESC_F_WRITE if writable else 0
+                next_ = 0
                 if i + 1 < len(ids):
-                    self.write_descriptor(ids[i], gpa, length, flags | VIRTQ_DESC_F_NEXT, ids[i + 1])
-                else:
-                    self.write_descriptor(ids[i], gpa, length, flags, 0)
+                    flags |= VIRTQ_DESC_F_NEXT
+                    next_ = ids[i + 1]
+                self.write_descriptor(ids[i], gpa, length, flags, next_)
         self.push_avail(ids[0], ids, table)
         return ids[0]
 
