@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -86,8 +87,7 @@ def disk_image(tmp_path):
         path = tmp_path / (name or f"disk{counter[0]}.img")
         with open(path, "wb") as f:
             if random:
-                for _ in range(size_mib):
-                    f.write(os.urandom(1 << 20))
+                f.writelines(os.urandom(1 << 20) for _ in range(size_mib))
             else:
                 f.truncate(size_mib << 20)
         return DiskImage(path)
@@ -106,21 +106,29 @@ def sock_dir():
 
 
 def unix_socket_listening(path: Path) -> bool:
-    """Whether some process listens on the Unix socket ``path`` (from
-    /proc/net/unix, without connecting: a probe connection would be a client
-    the backend has to serve)."""
+    """Whether a backend listens on the Unix socket ``path``, without connecting
+    (a probe connection would be a client the backend has to serve).
+
+    The path must exist and be a socket. /proc/net/unix names sockets by the
+    path they were bound to: if that is ``path``, it must be listening; a
+    backend that binds a temporary name and renames it into place (after
+    listen) is not listed under ``path``, and its socket counts as listening.
+    """
     target = os.fspath(path)
+    try:
+        if not stat.S_ISSOCK(os.stat(target).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
     try:
         with open("/proc/net/unix") as f:
             next(f)
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 8 and parts[7] == target:
-                    if int(parts[3], 16) & 0x10000:   # __SO_ACCEPTCON
-                        return True
-    except FileNotFoundError:
-        return Path(target).exists()
-    return False
+            entries = [line.split() for line in f]
+    except OSError:
+        return True
+    mine = [e for e in entries if len(e) >= 8 and e[7] == target]
+    # Flags: __SO_ACCEPTCON (0x10000) means listening.
+    return not mine or any(int(e[3], 16) & 0x10000 for e in mine)
 
 
 # ---- backends -------------------------------------------------------------------

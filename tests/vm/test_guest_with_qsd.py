@@ -3,17 +3,20 @@
 A real QEMU (7.2 and 10.0, TCG) boots the test guest on a vhost-user-blk disk
 served by qemu-storage-daemon (no code of ours in the data path). The same
 tests run against another backend by adding its kind to BACKENDS (see
-backend_factory in conftest.py).
+backend_factory in conftest.py, and PVU_VM_BACKENDS below).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 from pyvhost_user.launch import SUPPORTED_VERSIONS as QEMU_VERSIONS
 
-BACKENDS = ["qsd"]
+# Backend kinds (conftest.BACKEND_KINDS) these tests run against; PVU_VM_BACKENDS=qsd,pyvhost
+# adds ours from the command line.
+BACKENDS = os.environ.get("PVU_VM_BACKENDS", "qsd").split(",")
 MiB = 1 << 20
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]

@@ -541,6 +541,17 @@ class BlkDriver:
                 busy[completion.ticket.queue] -= 1
                 results[position] = completion.check() if check else completion
 
+    def read_all(self, size: int | None = None, *, chunk: int = 128 << 10, depth: int = 32) -> bytes:
+        """Read the first ``size`` bytes (default: the whole disk), spread over every queue."""
+        if size is None:
+            assert self.config is not None
+            size = self.config.capacity_bytes
+        requests = [
+            BlkRequest.read(offset // SECTOR_SIZE, min(chunk, size - offset), queue=i % self.num_queues)
+            for i, offset in enumerate(range(0, size, chunk))
+        ]
+        return b"".join(c.data for c in self.run(requests, depth))
+
     def reboot(self) -> None:
         """A guest reboot: in-flight requests are forgotten, the device restarts."""
         for work in self._work:

@@ -29,9 +29,21 @@ from .qemu_binaries import (
 )
 
 __all__ = [
-    "STEPS", "BootResults", "GuestImageError", "count_done", "guest_image",
-    "kernel_args", "parse_results",
-    "Machine", "MachineError", "MachineTimeout", "VhostUserBlk",
-    "SUPPORTED_VERSIONS", "QemuBinary", "QemuNotFoundError", "cache_dir",
-    "find_qemu", "qemu_storage_daemon",
+    "STEPS",
+    "SUPPORTED_VERSIONS",
+    "BootResults",
+    "GuestImageError",
+    "Machine",
+    "MachineError",
+    "MachineTimeout",
+    "QemuBinary",
+    "QemuNotFoundError",
+    "VhostUserBlk",
+    "cache_dir",
+    "count_done",
+    "find_qemu",
+    "guest_image",
+    "kernel_args",
+    "parse_results",
+    "qemu_storage_daemon",
 ]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .guest import BootResults, count_done, guest_image, kernel_args, parse_results
 from .qemu_binaries import QemuBinary, find_qemu
@@ -263,7 +263,7 @@ class Machine:
                 raise
         return self
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         if self.proc is None:
             self.start()
         return self

@@ -118,13 +118,26 @@ class BackendServer:
                 probe.close()
                 raise ValueError(f"{path} is in use by another process")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bind under a temporary name and rename once listening: the socket
+        # path appears only when a connect() to it can succeed, so whoever
+        # waits for the file (QEMU, libvirt, tests) never races the listen().
+        staging = f"{path}.{os.getpid()}.tmp"
+        if len(os.fsencode(staging)) > 107:  # sun_path limit: bind in place instead
+            staging = path
         old_umask = os.umask(0o177)
         try:
-            sock.bind(path)
+            sock.bind(staging)
         finally:
             os.umask(old_umask)
-        os.chmod(path, mode)
-        sock.listen(4)
+        try:
+            os.chmod(staging, mode)
+            sock.listen(4)
+            if staging != path:
+                os.rename(staging, path)
+        except OSError:
+            sock.close()
+            os.unlink(staging)
+            raise
         self._owns_socket_file = True
         return sock
 
@@ -253,13 +266,26 @@ class BackendServer:
         if self.listener is not None:
             fds.append(self.listener.fileno())
         ready = self._wait(fds)
-        if self.listener is not None and self.listener.fileno() in ready:
-            other, _ = self.listener.accept()
-            other.close()
-            log.warning("refused a second front-end: one is already connected")
-            if conn.fileno() not in ready:
-                return "second"
-        return "data"
+        if conn.fileno() in ready:
+            # Served first: when a front-end closes and the next one connects at
+            # once, the close must end this session before the newcomer is judged.
+            return "data"
+        if self._peer_has_closed(conn):
+            return "data"
+        assert self.listener is not None
+        other, _ = self.listener.accept()
+        other.close()
+        log.warning("refused a second front-end: one is already connected")
+        return "second"
+
+    @staticmethod
+    def _peer_has_closed(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _send(self, conn: socket.socket, message: Message) -> None:
         trace.debug("-> %s", message)
