@@ -1,0 +1,66 @@
+"""The vhost-user-blk program: conventions of QEMU's vhost-user.rst, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAM = [sys.executable, "-m", "pyvhost_user.cli.blk"]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PROGRAM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_print_capabilities_is_the_json_vhost_user_json_describes():
+    result = run("--print-capabilities", "--image", "/nonexistent")  # other options ignored
+    assert result.returncode == 0
+    caps = json.loads(result.stdout)
+    assert caps["type"] == "block"
+    assert set(caps["features"]) <= {"read-only", "blk-file"}
+
+
+def test_backend_descriptor_agrees_with_print_capabilities():
+    descriptor = json.loads((REPO / "qemu" / "50-pyvhost-user-blk.json").read_text())
+    caps = json.loads(run("--print-capabilities").stdout)
+    assert descriptor["type"] == caps["type"]
+    assert Path(descriptor["binary"]).name == "vhost-user-blk"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--image", "x.img"], 2, "one of --socket-path or --fd is required"),
+        (["--socket-path", "s.sock"], 2, "--image (or --blk-file) is required"),
+        (["--socket-path", "s.sock", "--image", "/nonexistent/x.img"], 1, "cannot open image"),
+        (["--socket-path", "s.sock", "--fd", "3"], 2, "not allowed with"),
+        (["--socket-path", "s.sock", "--image", "IMG", "--num-queues", "0"], 1, "not in 1..64"),
+    ],
+)
+def test_bad_command_lines_fail_early_with_a_clear_message(tmp_path, args, code, message):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    args = [a.replace("IMG", str(image)).replace("s.sock", str(tmp_path / "s.sock")) for a in args]
+    result = run(*args)
+    assert result.returncode == code
+    assert message in result.stderr
+
+
+def test_socket_in_use_is_refused(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    path = tmp_path / "busy.sock"
+    holder = socket.socket(socket.AF_UNIX)
+    holder.bind(str(path))
+    holder.listen(1)
+    try:
+        result = run("--socket-path", str(path), "--image", str(image))
+        assert result.returncode == 1 and "in use by another process" in result.stderr
+    finally:
+        holder.close()
