@@ -28,7 +28,6 @@ from .errors import ProtocolViolation, RingError
 from .guest_ram import GuestRam
 
 DESC: Final = struct.Struct("<QIHH")  # addr, len, flags, next
-U16: Final = struct.Struct("<H")
 USED_ELEM: Final = struct.Struct("<II")  # id, len
 
 VIRTQ_DESC_F_NEXT: Final = 1
@@ -96,6 +95,12 @@ class SplitRing:
         self._desc = ram.view(self.desc_gpa, desc_bytes)
         self._avail = ram.view(self.avail_gpa, avail_bytes)
         self._used = ram.view(self.used_gpa, used_bytes)
+        # The u16 fields the device reads or writes concurrently go through
+        # typed views: one 16-bit load or store each. struct.pack_into first
+        # zeroes the field then writes it byte by byte, so the other side can
+        # see 0 or a torn index (seen: "used.idx 0" with several queues busy).
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
         self.reset(start_index)
 
     # -- lifetime ------------------------------------------------------------
@@ -117,7 +122,7 @@ class SplitRing:
     def release(self) -> None:
         """Give the ring's memory back to the allocator (the ring is unusable after)."""
         self.reset()
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._avail16, self._used16, self._desc, self._avail, self._used):
             view.release()
         for gpa in (self.desc_gpa, self.avail_gpa, self.used_gpa):
             self.ram.free(gpa)
@@ -144,52 +149,52 @@ class SplitRing:
 
     @property
     def avail_flags(self) -> int:
-        return U16.unpack_from(self._avail, 0)[0]
+        return self._avail16[0]
 
     @avail_flags.setter
     def avail_flags(self, value: int) -> None:
-        U16.pack_into(self._avail, 0, value)
+        self._avail16[0] = value
 
     @property
     def avail_idx(self) -> int:
-        return U16.unpack_from(self._avail, 2)[0]
+        return self._avail16[1]
 
     @avail_idx.setter
     def avail_idx(self, value: int) -> None:
-        U16.pack_into(self._avail, 2, value & 0xFFFF)
+        self._avail16[1] = value & 0xFFFF
 
     def avail_entry(self, slot: int) -> int:
-        return U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        return self._avail16[2 + slot]
 
     def set_avail_entry(self, slot: int, head: int) -> None:
-        U16.pack_into(self._avail, 4 + 2 * slot, head)
+        self._avail16[2 + slot] = head
 
     @property
     def used_event(self) -> int:
-        return U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        return self._avail16[2 + self.size]
 
     @used_event.setter
     def used_event(self, value: int) -> None:
-        U16.pack_into(self._avail, 4 + 2 * self.size, value & 0xFFFF)
+        self._avail16[2 + self.size] = value & 0xFFFF
 
     @property
     def used_flags(self) -> int:
-        return U16.unpack_from(self._used, 0)[0]
+        return self._used16[0]
 
     @property
     def used_idx(self) -> int:
-        return U16.unpack_from(self._used, 2)[0]
+        return self._used16[1]
 
     @used_idx.setter
     def used_idx(self, value: int) -> None:  # only the initial value: the device owns it
-        U16.pack_into(self._used, 2, value & 0xFFFF)
+        self._used16[1] = value & 0xFFFF
 
     def used_entry(self, slot: int) -> tuple[int, int]:
         return USED_ELEM.unpack_from(self._used, 4 + 8 * slot)
 
     @property
     def avail_event(self) -> int:
-        return U16.unpack_from(self._used, 4 + 8 * self.size)[0]
+        return self._used16[2 + 4 * self.size]
 
     # -- driver operations ---------------------------------------------------
     @property

@@ -9,6 +9,13 @@ Ordering: the ring is shared with another CPU. On x86-64 (the only target
 QEMU runs guests on here) stores are not reordered with other stores nor
 loads with other loads, so writing the used element before the used index,
 and reading the avail index before the ring entry, is enough.
+
+Atomicity: every u16 the driver may touch concurrently (indices, flags,
+event fields, ring entries) is read and written through ``memoryview.cast("H")``
+views: one aligned 16-bit load or store each. ``struct.pack_into`` must not be
+used for them: it zeroes the field, then writes it a byte at a time, so the
+driver can read 0 or a torn index in between (seen with several queues busy).
+The rings are little endian, as the host is.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from ..memory.errors import GuestMemoryError
 from .chain import DESC_SIZE, DescriptorChain, walk_chain
 from .errors import InvalidQueueConfig, QueueCorrupted
 
-U16: Final = struct.Struct("<H")
 USED_ELEM: Final = struct.Struct("<II")
 MAX_QUEUE_SIZE: Final = 32768
 VRING_AVAIL_F_NO_INTERRUPT: Final = 1
@@ -104,6 +110,8 @@ class SplitQueue:
             self.used = rings.view(config.used_addr, 6 + 8 * size, write=True)
         except GuestMemoryError as exc:
             raise InvalidQueueConfig(f"queue {config.index}: {exc}") from None
+        self.avail16 = self.avail.cast("H")  # flags, idx, ring[size], used_event
+        self.used16 = self.used.cast("H")  # flags, idx, {id, len}[size], avail_event
         self.index = config.index
         self.size = size
         self.buffers = buffers
@@ -113,13 +121,13 @@ class SplitQueue:
         self.last_avail_idx = config.base & 0xFFFF
         # The used index lives in guest memory: after a reconnect or migration
         # it is where the previous owner left it.
-        self.used_idx = U16.unpack_from(self.used, 2)[0]
+        self.used_idx = self.used16[1]
         self._signalled_used = self.used_idx
         self._signalled_valid = False
 
     # -- driver -> device ----------------------------------------------------
     def avail_idx(self) -> int:
-        return U16.unpack_from(self.avail, 2)[0]
+        return self.avail16[1]
 
     def pending(self) -> int:
         """How many chains the driver made available that we have not popped."""
@@ -135,7 +143,7 @@ class SplitQueue:
         if not self.pending():
             return None
         slot = self.last_avail_idx % self.size
-        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        head = self.avail16[2 + slot]
         if head >= self.size:
             raise QueueCorrupted(f"queue {self.index}: avail ring names head {head} >= {self.size}")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
@@ -150,14 +158,14 @@ class SplitQueue:
     def enable_notifications(self) -> None:
         """Ask the driver to kick for anything after what we have popped (EVENT_IDX)."""
         if self.event_idx:
-            U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail_idx)
+            self.used16[2 + 4 * self.size] = self.last_avail_idx
 
     # -- device -> driver ----------------------------------------------------
     def push_used(self, head: int, length: int) -> None:
         slot = self.used_idx % self.size
-        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
+        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)  # published below
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, 2, self.used_idx)
+        self.used16[1] = self.used_idx
 
     def needs_notification(self) -> bool:
         """Whether the driver asked to be interrupted for what was pushed since last time."""
@@ -165,12 +173,12 @@ class SplitQueue:
         old = self._signalled_used
         self._signalled_used = new
         if not self.event_idx:
-            flags = U16.unpack_from(self.avail, 0)[0]
+            flags = self.avail16[0]
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
         if not self._signalled_valid:
             self._signalled_valid = True
             return True
-        used_event = U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+        used_event = self.avail16[2 + self.size]
         # vring_need_event(): interrupt when used_event lies in [old, new).
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
