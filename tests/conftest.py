@@ -52,7 +52,7 @@ def backend_factory(sock_dir: Path, request) -> Iterator[Callable[..., BackendPr
 
     def start(kind: str, image: Path, **options) -> BackendProcess:
         socket_path = sock_dir / f"{kind}{len(started)}.sock"
-        backend = start_backend(kind, image, socket_path, **options)
+        backend = start_backend(kind, os.fspath(image), socket_path, **options)
         started.append(backend)
         return backend
 

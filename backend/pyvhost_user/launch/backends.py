@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .machine import VhostUserBlk
 from .qemu_binaries import qemu_storage_daemon
 
 BACKEND_KINDS = ("pyvhost", "qsd")
@@ -34,6 +35,13 @@ class BackendProcess:
     image: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    num_queues: int = 1
+    read_only: bool = False
+
+    def device(self, **options: object) -> VhostUserBlk:
+        """The matching vhost-user-blk-pci device for a ``Machine``."""
+        options.setdefault("num_queues", self.num_queues)
+        return VhostUserBlk(self.socket_path, **options)  # type: ignore[arg-type]
 
     @property
     def pid(self) -> int:
@@ -114,7 +122,7 @@ def start_backend(
     )
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    backend = BackendProcess(kind, socket_path, image, process, log_path)
+    backend = BackendProcess(kind, socket_path, image, process, log_path, num_queues, read_only)
     deadline = time.monotonic() + timeout
     # Bounded poll for the socket: neither back-end has another readiness signal.
     while not socket_path.exists():
