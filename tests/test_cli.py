@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -64,3 +65,47 @@ def test_socket_in_use_is_refused(tmp_path):
         assert result.returncode == 1 and "in use by another process" in result.stderr
     finally:
         holder.close()
+
+
+def test_inherited_listening_fd_is_served(tmp_path):
+    """--fd with a listening socket (how qemu-storage-daemon's addr.type=fd and
+    management layers hand a socket over)."""
+    from pyvhost_user.frontend import BlkDriver
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    process = subprocess.Popen(
+        [*PROGRAM, "--fd", str(listener.fileno()), "--image", str(image)],
+        pass_fds=[listener.fileno()], stderr=subprocess.PIPE, text=True,
+    )
+    listener.close()
+    try:
+        with BlkDriver.connect(path) as driver:
+            assert driver.read(0, 4096) == image.read_bytes()[:4096]
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+
+
+def test_inherited_connected_fd_serves_that_front_end_then_exits(tmp_path):
+    from pyvhost_user.frontend import BlkDriver, Frontend
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process = subprocess.Popen(
+        [*PROGRAM, "--fd", str(theirs.fileno()), "--image", str(image)],
+        pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True,
+    )
+    theirs.close()
+    driver = BlkDriver(Frontend(ours))
+    driver.start()
+    assert driver.read(8, 4096) == image.read_bytes()[4096:8192]
+    driver.close()
+    _, err = process.communicate(timeout=30)  # the only front-end left: the program ends
+    assert process.returncode == 0, err
