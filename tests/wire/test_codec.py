@@ -81,6 +81,7 @@ PAYLOADS: dict[type, st.SearchStrategy] = {
     VringArea: st.builds(VringArea, u64, u64, u64),
     DeviceStateTransfer: st.builds(DeviceStateTransfer, st.sampled_from([0, 1]), st.just(0)),
 }
+PAYLOADS[wire.AsidIotlbMsg] = st.builds(wire.AsidIotlbMsg, u32, PAYLOADS[IotlbMsg])
 
 
 def fds_for(layout: wire.Layout, payload: object, reply: bool) -> list[int]:

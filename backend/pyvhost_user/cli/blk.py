@@ -15,7 +15,9 @@ import sys
 
 from ..devices.base import DeviceError
 from ..devices.blk import BlkDevice
+from ..memory.iotlb import DefaultMapping
 from ..server import BackendServer
+from ..server.options import BackendOptions, IotlbPersist
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
@@ -44,6 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="log level (debug includes the protocol trace)",
+    )
+    p.add_argument(
+        "--num-asids", type=int, default=2, metavar="N",
+        help="address spaces (ASIDs), each with its own IOTLB (default 2)",
+    )
+    p.add_argument(
+        "--asid-default", choices=[d.value for d in DefaultMapping], default="identity",
+        help="default mapping of an ASID for a front-end speaking the address-space "
+        "extension: identity (1:1 over guest memory) or empty (every access misses); "
+        "a stock front-end with a vIOMMU always gets empty",
+    )
+    p.add_argument(
+        "--iotlb-persist", choices=[p.value for p in IotlbPersist], default="negotiated",
+        help="keep IOTLBs across device reset: negotiated (only for a front-end that asks), "
+        "always (even for stock QEMU: stale translations possible), never",
+    )
+    p.add_argument(
+        "--control-socket", metavar="PATH",
+        help="operator control socket (JSON, QMP-like; see vhost-user-ctl)",
     )
     p.add_argument(
         "--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
@@ -75,7 +96,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhost-user-blk: {exc}", file=sys.stderr)
         return 1
     try:
-        server = BackendServer(device, socket_path=args.socket_path, fd=args.fd, socket_mode=args.socket_mode)
+        options = BackendOptions(
+            num_asids=args.num_asids,
+            asid_default=DefaultMapping(args.asid_default),
+            iotlb_persist=IotlbPersist(args.iotlb_persist),
+        )
+    except ValueError as exc:
+        print(f"vhost-user-blk: {exc}", file=sys.stderr)
+        device.close()
+        return 1
+    if options.iotlb_persist is IotlbPersist.ALWAYS:
+        log.warning(
+            "--iotlb-persist always: device resets keep IOTLB entries even for a front-end "
+            "that never invalidates them on reboot (stock QEMU): stale translations possible"
+        )
+    try:
+        server = BackendServer(
+            device, socket_path=args.socket_path, fd=args.fd, socket_mode=args.socket_mode,
+            options=options,
+        )
     except (OSError, ValueError) as exc:
         print(f"vhost-user-blk: cannot listen: {exc}", file=sys.stderr)
         device.close()

@@ -33,6 +33,15 @@ class Device(abc.ABC):
     def device_features(self) -> int:
         """Device-specific virtio feature bits (transport bits are the server's)."""
 
+    @property
+    def num_groups(self) -> int:
+        """Virtqueue groups (vDPA's notion): each can be bound to its own ASID."""
+        return 1
+
+    def queue_group(self, queue_index: int) -> int:
+        """The group a virtqueue belongs to (blk: every queue in group 0)."""
+        return 0
+
     @abc.abstractmethod
     def read_config(self, offset: int, size: int) -> bytes:
         """Bytes of the device config space; raises ``DeviceError`` if out of range."""

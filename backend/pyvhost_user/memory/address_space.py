@@ -19,6 +19,10 @@ class AddressSpace(Protocol):
 
     name: str
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever a translation may have changed (views must be re-resolved)."""
+
     def views(self, addr: int, length: int, *, write: bool) -> list[memoryview]: ...
 
     def view(self, addr: int, length: int, *, write: bool) -> memoryview: ...
@@ -31,6 +35,10 @@ class DirectSpace:
         self.memory = memory
         self.kind: AddressKind = kind
         self.name = kind
+
+    @property
+    def generation(self) -> int:
+        return self.memory.generation
 
     def views(self, addr: int, length: int, *, write: bool) -> list[memoryview]:
         return self.memory.views(self.kind, addr, length)

@@ -181,6 +181,12 @@ class Iotlb:
         self.touched = True
         self.changed.notify_all()
 
+    def has_entry(self, iova: int, size: int, uaddr: int, perm: int) -> bool:
+        """Whether exactly this entry is already mapped (a repeated UPDATE)."""
+        with self._lock:
+            i = bisect.bisect_left(self._starts, iova)
+            return i < len(self._entries) and self._entries[i] == IotlbEntry(iova, size, uaddr, perm)
+
     def _first_overlap(self, iova: int, last: int) -> IotlbEntry | None:
         i = bisect.bisect_right(self._starts, last) - 1
         if i >= 0 and self._entries[i].last >= iova:
@@ -234,6 +240,11 @@ class IotlbSpace:
     def __init__(self, iotlb: Iotlb) -> None:
         self.iotlb = iotlb
         self.name = f"iova(asid {iotlb.asid})"
+
+    @property
+    def generation(self) -> int:
+        # An IOTLB change or a memory-table change can both move a translation.
+        return (self.iotlb.generation << 32) | self.iotlb.memory.generation
 
     def views(self, addr: int, length: int, *, write: bool) -> list[memoryview]:
         return self.iotlb.translate(addr, length, PERM_WRITE if write else PERM_READ)

@@ -17,7 +17,10 @@ import select
 import signal
 import socket
 import stat
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 from ..devices.base import Device
 from ..wire import (
@@ -29,7 +32,10 @@ from ..wire import (
     close_all,
     encode_message,
 )
+from .options import BackendOptions
 from .session import Disconnect, Session
+
+EventListener = Callable[[dict[str, Any]], None]
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("pyvhost_user.trace")
@@ -78,11 +84,18 @@ class BackendServer:
         fd: int | None = None,
         socket_mode: int = 0o600,
         on_listening: Callable[[], None] | None = None,
+        options: BackendOptions | None = None,
     ) -> None:
         if (socket_path is None) == (fd is None):
             raise ValueError("exactly one of socket_path and fd")
         self.device = device
+        self.options = options or BackendOptions()
         self.socket_path = socket_path
+        # Held while a vhost-user message is handled; the control socket takes
+        # it too, so an operator's reset-map never interleaves with a message.
+        self.lock = threading.RLock()
+        self._listeners: list[EventListener] = []
+        self._listeners_lock = threading.Lock()
         self._on_listening = on_listening
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -202,8 +215,10 @@ class BackendServer:
         self.sessions_served += 1
         number = self.sessions_served
         log.info("front-end %d connected", number)
-        session = Session(self.device)
-        self.session = session
+        session = Session(self.device, options=self.options, events=self.emit)
+        with self.lock:
+            self.session = session
+        self.emit("FRONT_END_CONNECTED", {"number": number})
         reader = MessageReader()
         reason = "closed by the front-end"
         try:
@@ -233,7 +248,9 @@ class BackendServer:
                         break
                     assert isinstance(message, Message)
                     trace.debug("<- %s", message)
-                    for answer in session.handle(message):
+                    with self.lock:
+                        answers = session.handle(message)
+                    for answer in answers:
                         self._send(conn, answer)
         except FramingError as exc:
             reason = f"protocol framing broken: {exc}"
@@ -256,10 +273,12 @@ class BackendServer:
             reason = f"internal error: {exc!r}"
         finally:
             reader.close()
-            session.close()
-            self.session = None
+            with self.lock:
+                session.close()
+                self.session = None
             conn.close()
             log.info("front-end %d disconnected: %s", number, reason)
+            self.emit("FRONT_END_DISCONNECTED", {"number": number, "reason": reason})
 
     def _wait_connection(self, conn: socket.socket) -> str:
         fds = [conn.fileno()]
@@ -286,6 +305,29 @@ class BackendServer:
             return False
         except OSError:
             return True
+
+    # -- events (control socket) -------------------------------------------
+    def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._listeners_lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """Called from any thread; listeners must not block."""
+        event = {"event": name, "data": data, "time": time.time()}
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
 
     def _send(self, conn: socket.socket, message: Message) -> None:
         trace.debug("-> %s", message)

@@ -18,12 +18,36 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
+from typing import Protocol
 
 from ..devices.base import Device
-from ..virtqueue import BadChain, QueueConfig, QueueCorrupted, SplitQueue, signal_eventfd
+from ..memory.iotlb import Iotlb, IotlbMiss
+from ..virtqueue import (
+    BadChain,
+    InvalidQueueConfig,
+    QueueConfig,
+    QueueCorrupted,
+    SplitQueue,
+    signal_eventfd,
+)
 
 log = logging.getLogger(__name__)
+
+# An IOTLB miss is sent to the front-end again after this long without the
+# translation arriving, and the ring is given up as broken after the last.
+MISS_RESEND_SECONDS = 1.0
+MISS_GIVE_UP_SECONDS = 10.0
+
+
+class TranslationSource(Protocol):
+    """Where a worker gets missing IOTLB entries from (the session)."""
+
+    def iotlb(self, asid: int) -> Iotlb: ...
+
+    def send_miss(self, asid: int, iova: int, perm: int) -> bool:
+        """Ask the front-end for a translation; False when there is no channel to ask on."""
 
 
 class QueueWorker:
@@ -34,12 +58,16 @@ class QueueWorker:
         device: Device,
         call_lock: threading.Lock,
         on_broken: Callable[[int, str], None],
+        translations: TranslationSource | None = None,
     ) -> None:
         self.queue = queue
         self.config = config
         self.device = device
         self._call_lock = call_lock
         self._on_broken = on_broken
+        self._translations = translations
+        self._waiting_on: Iotlb | None = None
+        self.misses = 0
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._enabled = threading.Event()
         if config.enabled:
@@ -64,6 +92,10 @@ class QueueWorker:
         """Stop after the request in progress; return the next avail index to serve."""
         self._stopping = True
         os.eventfd_write(self._stop_fd, 1)
+        waiting_on = self._waiting_on
+        if waiting_on is not None:  # blocked on a miss: the chain stays unconsumed
+            with waiting_on.changed:
+                waiting_on.changed.notify_all()
         self._thread.join()
         os.close(self._stop_fd)
         return self.queue.last_avail_idx
@@ -95,7 +127,7 @@ class QueueWorker:
                 if self._stopping:
                     break
                 self._drain()
-        except (BadChain, QueueCorrupted) as exc:
+        except (BadChain, QueueCorrupted, InvalidQueueConfig) as exc:
             self._break(str(exc))
         except Exception as exc:  # a bug: keep the process alive, show it
             log.exception("queue %d: worker failed", self.queue.index)
@@ -104,17 +136,14 @@ class QueueWorker:
     def _drain(self) -> None:
         queue = self.queue
         while self._enabled.is_set() and not self._stopping:
-            served = 0
-            while not self._stopping:
-                chain = queue.pop()
-                if chain is None:
-                    break
-                used_len = self.device.process(queue.index, chain)
-                queue.push_used(chain.head, used_len)
-                served += 1
-            if served:
-                self.completed += served
-                self._notify()
+            try:
+                queue.ensure_rings()
+                self._serve_available()
+            except IotlbMiss as miss:
+                self._notify()  # what completed before the miss is not held back
+                self._await_translation(miss)
+                continue
+            self._notify()
             queue.enable_notifications()
             # Re-check after publishing avail_event: a chain made available
             # between the last pop and that write would otherwise wait for a
@@ -122,7 +151,56 @@ class QueueWorker:
             if not queue.pending():
                 return
 
+    def _serve_available(self) -> None:
+        queue = self.queue
+        while not self._stopping:
+            chain = queue.pop()
+            if chain is None:
+                return
+            used_len = self.device.process(queue.index, chain)
+            queue.push_used(chain.head, used_len)
+            self._unsignalled += 1
+
+    _unsignalled = 0
+
+    def _await_translation(self, miss: IotlbMiss) -> None:
+        """Ask the front-end for ``miss`` and wait for the IOTLB to change (or a stop)."""
+        if self._translations is None:
+            raise QueueCorrupted(f"queue {self.queue.index}: {miss} and no IOTLB to ask")
+        iotlb = self._translations.iotlb(miss.asid)
+        give_up = time.monotonic() + MISS_GIVE_UP_SECONDS
+        self._waiting_on = iotlb
+        try:
+            while not self._stopping:
+                generation = iotlb.generation
+                self.misses += 1
+                log.debug("queue %d: IOTLB miss asid %d iova %#x perm %d",
+                          self.queue.index, miss.asid, miss.iova, miss.perm)
+                if not self._translations.send_miss(miss.asid, miss.iova, miss.perm):
+                    raise QueueCorrupted(
+                        f"queue {self.queue.index}: {miss}, and no backend-request channel "
+                        "to ask the front-end for it"
+                    )
+                with iotlb.changed:
+                    iotlb.changed.wait_for(
+                        lambda: iotlb.generation != generation or self._stopping,
+                        timeout=MISS_RESEND_SECONDS,
+                    )
+                if iotlb.generation != generation:
+                    return
+                if time.monotonic() > give_up:
+                    raise QueueCorrupted(
+                        f"queue {self.queue.index}: the front-end never mapped iova "
+                        f"{miss.iova:#x} (asid {miss.asid}) in {MISS_GIVE_UP_SECONDS:.0f} s"
+                    )
+        finally:
+            self._waiting_on = None
+
     def _notify(self) -> None:
+        if not self._unsignalled:
+            return
+        self.completed += self._unsignalled
+        self._unsignalled = 0
         if self.queue.needs_notification():
             with self._call_lock:
                 signal_eventfd(self.config.call_fd)

@@ -16,16 +16,28 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..devices.base import Device, DeviceError
 from ..memory import BadMemoryRegion, DirectSpace, GuestMemory, map_region
+from ..memory.address_spaces import AddressSpaces
+from ..memory.iotlb import DefaultMapping, Iotlb, IotlbError, IotlbSpace
 from ..virtqueue import InvalidQueueConfig, QueueConfig, SplitQueue, signal_eventfd
 from ..wire import (
     U64,
+    AsidIotlbMsg,
+    BackendRequest,
     ConfigSpace,
+    IotlbMsg,
+    IotlbPerm,
+    IotlbType,
+    VendorProtocolFeature as VPF,
+    VendorRequest as VR,
     FrontendRequest as R,
     MemTable,
     Message,
@@ -37,8 +49,11 @@ from ..wire import (
     VringState,
     ack,
     close_all,
+    encode_message,
     reply,
+    request,
 )
+from .options import BackendOptions, IotlbPersist
 from .queue_worker import QueueWorker
 
 log = logging.getLogger(__name__)
@@ -47,7 +62,11 @@ MAX_MEM_SLOTS = 32
 MAX_QUEUE_SIZE = 1024
 
 TRANSPORT_FEATURES = int(
-    VF.VERSION_1 | VF.INDIRECT_DESC | VF.EVENT_IDX | VF.VHOST_USER_F_PROTOCOL_FEATURES
+    VF.VERSION_1
+    | VF.INDIRECT_DESC
+    | VF.EVENT_IDX
+    | VF.VHOST_USER_F_PROTOCOL_FEATURES
+    | VF.ACCESS_PLATFORM
 )
 PROTOCOL_FEATURES = int(
     PF.MQ
@@ -57,6 +76,8 @@ PROTOCOL_FEATURES = int(
     | PF.RESET_DEVICE
     | PF.CONFIGURE_MEM_SLOTS
     | PF.STATUS
+    | VPF.ADDRESS_SPACES
+    | VPF.IOTLB_PERSIST
 )
 
 # virtio device status bits
@@ -85,6 +106,7 @@ REQUIRED_PROTOCOL_FEATURE: dict[int, PF] = {
     R.VRING_KICK: PF.INBAND_NOTIFICATIONS,
     R.SET_DEVICE_STATE_FD: PF.DEVICE_STATE,
     R.CHECK_DEVICE_STATE: PF.DEVICE_STATE,
+    **{code: VPF.ADDRESS_SPACES for code in VR},  # type: ignore[dict-item]
 }
 # Requests that need the owner set first (QEMU sends SET_OWNER before them).
 NEEDS_OWNER = frozenset(
@@ -113,6 +135,8 @@ HAS_REPLY = frozenset(
         R.GET_VRING_BASE,
         R.GET_CONFIG,
         R.GET_STATUS,
+        VR.GET_NUM_ASIDS,
+        VR.GET_VRING_GROUP,
     }
 )
 
@@ -145,9 +169,25 @@ class Ring:
 class Session:
     """The state of one front-end connection, and the dispatcher of its requests."""
 
-    def __init__(self, device: Device, memory: GuestMemory | None = None) -> None:
+    def __init__(
+        self,
+        device: Device,
+        memory: GuestMemory | None = None,
+        options: BackendOptions | None = None,
+        events: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.device = device
+        self.options = options or BackendOptions()
+        self._emit = events or (lambda _name, _data: None)
         self.memory = memory or GuestMemory(max_regions=MAX_MEM_SLOTS)
+        # Until a front-end says otherwise, it is a stock one: with ACCESS_PLATFORM
+        # its ASID 0 is a guest vIOMMU's, so no ASID starts as identity.
+        self.asids = AddressSpaces(
+            self.memory, [DefaultMapping.EMPTY] * self.options.num_asids, device.num_groups
+        )
+        self._batch: list[tuple[int, IotlbMsg]] | None = None
+        self._backend_channel: socket.socket | None = None
+        self._backend_channel_lock = threading.Lock()
         self.offered_features = TRANSPORT_FEATURES | device.device_features
         self.offered_protocol_features = PROTOCOL_FEATURES
         self.acked_features = 0
@@ -157,7 +197,16 @@ class Session:
         self.status = 0
         self.backend_channel_fd: int | None = None
         self.rings = [Ring(QueueConfig(i)) for i in range(device.num_queues)]
-        self.counters: dict[str, int] = {"requests": 0, "refused": 0, "device_resets": 0}
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "refused": 0,
+            "device_resets": 0,
+            "iotlb_updates": 0,
+            "iotlb_invalidates": 0,
+            "iotlb_misses_sent": 0,
+            "reset_maps": 0,
+            "iotlb_resets_by_device_reset": 0,
+        }
         self._handlers: dict[int, Callable[[Message], Message | None]] = {
             R.GET_FEATURES: self._get_features,
             R.SET_FEATURES: self._set_features,
@@ -184,6 +233,14 @@ class Session:
             R.RESET_DEVICE: self._reset_device,
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
+            R.IOTLB_MSG: self._iotlb_msg,
+            VR.GET_NUM_ASIDS: self._get_num_asids,
+            VR.GET_VRING_GROUP: self._get_vring_group,
+            VR.SET_GROUP_ASID: self._set_group_asid,
+            VR.IOTLB_MSG_ASID: self._iotlb_msg_asid,
+            VR.IOTLB_BATCH_BEGIN: self._iotlb_batch_begin,
+            VR.IOTLB_BATCH_END: self._iotlb_batch_end,
+            VR.RESET_MAP: self._reset_map,
         }
 
     # -- entry point -----------------------------------------------------------
@@ -239,6 +296,8 @@ class Session:
         if code in NEEDS_OWNER and not self.owner:
             raise Refused(code, "SET_OWNER has not been sent")
         payload = message.payload
+        if code == VR.SET_GROUP_ASID:
+            return  # its index is a group, checked by the handler
         if isinstance(payload, (VringState, VringAddr, VringFile)):
             if payload.index >= len(self.rings):
                 raise Refused(code, f"ring index {payload.index} >= {len(self.rings)} rings")
@@ -267,7 +326,40 @@ class Session:
         if unknown:
             raise Refused(m.request, f"protocol features {unknown:#x} were not offered")
         self.acked_protocol_features = m.payload.value
-        log.info("protocol features acked: %s", PF(m.payload.value))
+        names = PF(m.payload.value & 0xFFFFFFFF)
+        vendor = VPF(m.payload.value & (VPF.ADDRESS_SPACES | VPF.IOTLB_PERSIST))
+        log.info("protocol features acked: %s%s", names, f" + vendor {vendor}" if vendor else "")
+        default = self.options.asid_default if self.extension_acked else DefaultMapping.EMPTY
+        for iotlb in self.asids.iotlbs:
+            if iotlb.default is not default and iotlb.is_default:
+                iotlb.default = default
+                iotlb.reset_map()
+        if self.options.iotlb_persist is IotlbPersist.ALWAYS and not self.persist_negotiated:
+            log.warning(
+                "--iotlb-persist always with a front-end that did not ask for it: device "
+                "resets keep IOTLB entries it may not invalidate (stale translations possible)"
+            )
+
+    @property
+    def extension_acked(self) -> bool:
+        return bool(self.acked_protocol_features & VPF.ADDRESS_SPACES)
+
+    @property
+    def persist_negotiated(self) -> bool:
+        return bool(self.acked_protocol_features & VPF.IOTLB_PERSIST)
+
+    @property
+    def persist_active(self) -> bool:
+        policy = self.options.iotlb_persist
+        if policy is IotlbPersist.ALWAYS:
+            return True
+        if policy is IotlbPersist.NEVER:
+            return False
+        return self.persist_negotiated
+
+    @property
+    def access_platform(self) -> bool:
+        return bool(self.acked_features & VF.ACCESS_PLATFORM)
 
     def _set_owner(self, m: Message) -> None:
         self.owner = True
@@ -368,9 +460,18 @@ class Session:
     def _get_vring_base(self, m: Message) -> Message:
         assert isinstance(m.payload, VringState)
         ring = self._ring(m.payload.index)
+        was_running = ring.started
         self._stop_ring(ring)
         # The ring restarts only on a new SET_VRING_KICK.
         ring.config.replace_fd("kick_fd", None)
+        if (
+            was_running
+            and not self.acked_protocol_features & (PF.STATUS | PF.RESET_DEVICE)
+            and not any(r.started for r in self.rings)
+        ):
+            # Without SET_STATUS or RESET_DEVICE, all rings stopped is the only
+            # sign of a device reset a front-end gives.
+            self._iotlb_policy_on_reset("all rings stopped")
         return reply(m.request, VringState(ring.config.index, ring.config.base))
 
     def _set_vring_kick(self, m: Message) -> None:
@@ -417,16 +518,30 @@ class Session:
             raise InvalidQueueConfig(f"queue {c.index}: size or addresses not set")
         if not self.acked_features & VF.VHOST_USER_F_PROTOCOL_FEATURES:
             c.enabled = True  # without protocol features rings start enabled
-        queue = SplitQueue(
-            c,
-            DirectSpace(self.memory, "uva"),
-            DirectSpace(self.memory, "gpa"),
-            event_idx=bool(self.acked_features & VF.EVENT_IDX),
-            indirect=bool(self.acked_features & VF.INDIRECT_DESC),
-        )
+        if self.access_platform:
+            # Ring and buffer addresses are IOVAs of the ring's group's ASID;
+            # rings are translated by the worker, which can wait for a miss.
+            group = self.device.queue_group(c.index)
+            space = IotlbSpace(self.asids.iotlb_of_group(group))
+            queue = SplitQueue(
+                c, space, space,
+                event_idx=bool(self.acked_features & VF.EVENT_IDX),
+                indirect=bool(self.acked_features & VF.INDIRECT_DESC),
+                eager=False,
+            )
+        else:
+            queue = SplitQueue(
+                c,
+                DirectSpace(self.memory, "uva"),
+                DirectSpace(self.memory, "gpa"),
+                event_idx=bool(self.acked_features & VF.EVENT_IDX),
+                indirect=bool(self.acked_features & VF.INDIRECT_DESC),
+            )
         ring.broken_reason = None
         c.broken = False
-        ring.worker = QueueWorker(queue, c, self.device, ring.call_lock, self._ring_broken)
+        ring.worker = QueueWorker(
+            queue, c, self.device, ring.call_lock, self._ring_broken, translations=self
+        )
         ring.worker.start()
         log.info(
             "ring %d started: size %d base %d used %d %s",
@@ -457,6 +572,7 @@ class Session:
         self.status |= STATUS_NEEDS_RESET
         with ring.call_lock:
             signal_eventfd(ring.config.err_fd)
+        self._emit("QUEUE_BROKEN", {"queue": index, "reason": reason})
 
     # -- config space ----------------------------------------------------------
     def _get_config(self, m: Message) -> Message:
@@ -477,9 +593,11 @@ class Session:
             raise Refused(m.request, str(exc)) from None
 
     def _set_backend_req_fd(self, m: Message) -> None:
-        if self.backend_channel_fd is not None:
-            os.close(self.backend_channel_fd)
-        self.backend_channel_fd = m.fds[0]
+        with self._backend_channel_lock:
+            if self._backend_channel is not None:
+                self._backend_channel.close()
+            self._backend_channel = socket.socket(fileno=m.fds[0])
+            self.backend_channel_fd = m.fds[0]
 
     # -- device status and reset -------------------------------------------------
     def _set_status(self, m: Message) -> None:
@@ -516,7 +634,26 @@ class Session:
                 c.base = 0
         self.status = 0
         self.device.reset()
+        self._iotlb_policy_on_reset(cause)
         log.info("device reset (%s): rings stopped, memory table kept (%d regions)", cause, len(self.memory))
+
+    def _iotlb_policy_on_reset(self, cause: str) -> None:
+        """A device reset binds every group to ASID 0; the IOTLBs follow the policy."""
+        self.asids.rebind_all_to_asid0()
+        kept = self.persist_active
+        if not kept:
+            for iotlb in self.asids.iotlbs:
+                if not iotlb.is_default:
+                    iotlb.reset_map()
+                    self.counters["iotlb_resets_by_device_reset"] += 1
+        self._emit(
+            "DEVICE_RESET",
+            {"cause": cause, "iotlb": "kept" if kept else "reset", "address_spaces": self.asids.describe()},
+        )
+        log.info(
+            "IOTLB on device reset (%s): %s", cause,
+            "kept (persistence active)" if kept else "every ASID back to its default",
+        )
 
     # -- end of connection -------------------------------------------------------
     def close(self) -> None:
@@ -524,11 +661,148 @@ class Session:
         for ring in self.rings:
             self._stop_ring(ring)
             ring.config.close_fds()
-        if self.backend_channel_fd is not None:
-            close_all([self.backend_channel_fd])
-            self.backend_channel_fd = None
+        with self._backend_channel_lock:
+            if self._backend_channel is not None:
+                self._backend_channel.close()
+                self._backend_channel = None
+                self.backend_channel_fd = None
+        touched = self.asids.reset_touched()
+        if touched:
+            log.info("front-end gone: ASIDs %s it changed are back to their defaults", touched)
+            self._emit("RESET_MAP", {"asids": touched, "cause": "front-end disconnected"})
         self.memory.clear()
         self.device.reset()
+
+    # -- IOTLB ---------------------------------------------------------------------
+    def iotlb(self, asid: int) -> Iotlb:
+        return self.asids.iotlb(asid)
+
+    def send_miss(self, asid: int, iova: int, perm: int) -> bool:
+        """Worker threads: ask the front-end for a translation (BACKEND_IOTLB_MSG MISS).
+
+        Sent without NEED_REPLY: the answer that matters is the UPDATE on the
+        main channel, which the worker waits for on the IOTLB itself.
+        """
+        if asid != 0 and not self.extension_acked:
+            return False
+        with self._backend_channel_lock:
+            channel = self._backend_channel
+            if channel is None:
+                return False
+            msg = IotlbMsg(iova, 0, 0, IotlbPerm(perm), IotlbType.MISS)
+            data, _ = encode_message(
+                request(BackendRequest.IOTLB_MSG, msg, backend_channel=True)
+            )
+            try:
+                channel.sendall(data)
+            except OSError as exc:
+                log.error("cannot send an IOTLB miss to the front-end: %s", exc)
+                return False
+            self.counters["iotlb_misses_sent"] += 1
+        return True
+
+    def _apply_iotlb(self, code: int, asid: int, msg: IotlbMsg) -> None:
+        if not self.access_platform:
+            raise Refused(code, "IOTLB message without ACCESS_PLATFORM negotiated")
+        try:
+            iotlb = self.asids.iotlb(asid)
+        except IotlbError as exc:
+            raise Refused(code, str(exc)) from None
+        if len(self.memory) == 0 and msg.type == IotlbType.UPDATE:
+            raise Refused(code, "IOTLB update before any memory table")
+        try:
+            if msg.type == IotlbType.UPDATE:
+                if iotlb.has_entry(msg.iova, msg.size, msg.uaddr, int(msg.perm)):
+                    return  # QEMU may answer two misses on one page with two updates
+                iotlb.update_refusing_overlap(msg.iova, msg.size, msg.uaddr, int(msg.perm))
+                self.counters["iotlb_updates"] += 1
+                self._emit("MAP", {"asid": asid, "iova": msg.iova, "size": msg.size,
+                                   "uaddr": msg.uaddr, "perm": int(msg.perm)})
+            elif msg.type == IotlbType.INVALIDATE:
+                removed = iotlb.invalidate_overlapping_whole(msg.iova, msg.size)
+                self.counters["iotlb_invalidates"] += 1
+                self._emit("UNMAP", {"asid": asid, "iova": msg.iova, "size": msg.size,
+                                     "entries_removed": removed})
+            else:
+                raise Refused(code, f"IOTLB message type {msg.type.name} is not for a back-end")
+        except IotlbError as exc:
+            raise Refused(code, str(exc)) from None
+
+    def _iotlb_msg(self, m: Message) -> None:
+        assert isinstance(m.payload, IotlbMsg)
+        self._iotlb_or_batch(m.request, 0, m.payload)
+
+    def _iotlb_msg_asid(self, m: Message) -> None:
+        assert isinstance(m.payload, AsidIotlbMsg)
+        self._iotlb_or_batch(m.request, m.payload.asid, m.payload.msg)
+
+    def _iotlb_or_batch(self, code: int, asid: int, msg: IotlbMsg) -> None:
+        if self._batch is not None:
+            self._batch.append((asid, msg))
+            return
+        self._apply_iotlb(code, asid, msg)
+
+    def _iotlb_batch_begin(self, m: Message) -> None:
+        if self._batch is not None:
+            raise Refused(m.request, "a batch is already open")
+        self._batch = []
+
+    def _iotlb_batch_end(self, m: Message) -> None:
+        if self._batch is None:
+            raise Refused(m.request, "no batch is open")
+        batch, self._batch = self._batch, None
+        failures = []
+        for asid, msg in batch:
+            try:
+                self._apply_iotlb(VR.IOTLB_MSG_ASID, asid, msg)
+            except Refused as exc:
+                failures.append(exc.reason)
+        if failures:
+            raise Refused(m.request, f"{len(failures)} of {len(batch)} batched messages refused: "
+                          + "; ".join(failures[:3]))
+
+    def _get_num_asids(self, m: Message) -> Message:
+        return reply(m.request, U64(self.asids.num_asids))
+
+    def _get_vring_group(self, m: Message) -> Message:
+        assert isinstance(m.payload, VringState)
+        index = m.payload.index
+        return reply(m.request, VringState(index, self.device.queue_group(index)))
+
+    def _set_group_asid(self, m: Message) -> None:
+        assert isinstance(m.payload, VringState)
+        group, asid = m.payload.index, m.payload.num
+        running = [r.config.index for r in self.rings
+                   if r.started and self.device.queue_group(r.config.index) == group]
+        if running:
+            raise Refused(m.request, f"group {group} has running rings {running}")
+        try:
+            self.asids.bind_group(group, asid)
+        except IotlbError as exc:
+            raise Refused(m.request, str(exc)) from None
+        log.info("group %d bound to ASID %d", group, asid)
+
+    def _reset_map(self, m: Message) -> None:
+        assert isinstance(m.payload, U64)
+        try:
+            self.reset_map(m.payload.value, cause="RESET_MAP request")
+        except IotlbError as exc:
+            raise Refused(m.request, str(exc)) from None
+
+    def reset_map(self, asid: int, *, cause: str) -> dict[str, Any]:
+        """Back to the default mapping (front-end request or operator); O(1) in mapped size."""
+        iotlb = self.asids.iotlb(asid)
+        before = iotlb.describe()
+        started = time.perf_counter()
+        iotlb.reset_map()
+        cost = time.perf_counter() - started
+        self.counters["reset_maps"] += 1
+        result = {"asid": asid, "entries_dropped": before["entries"],
+                  "bytes_unmapped": before["mapped_bytes"], "seconds": cost}
+        self._emit("RESET_MAP", {"asids": [asid], "cause": cause, **result})
+        log.info("reset_map asid %d (%s): %d entries dropped, default %s restored",
+                 asid, cause, before["entries"], iotlb.default.value)
+        return result
 
     def describe_state(self) -> dict[str, object]:
         return {

@@ -14,6 +14,12 @@ device only ever sees a well-formed chain:
 * no device-readable descriptor after a device-writable one;
 * every buffer inside guest memory (or the IOTLB), with the permission the
   device needs, and totals that fit in 32 bits.
+
+Behind an IOTLB two outcomes are not faults of the chain: a miss
+(``IotlbMiss`` propagates: the caller asks the front-end and walks again) and
+a mapping without the permission needed, which is recorded on the chain
+(``access_denied``) so the device can fail that one request with an error
+status, the way a real IOMMU fault fails a DMA, instead of touching memory.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Final
 
 from ..memory.address_space import AddressSpace
 from ..memory.errors import GuestMemoryError
+from ..memory.iotlb import IotlbAccessDenied, IotlbMiss
 from .errors import BadChain
 
 DESC: Final = struct.Struct("<QIHH")
@@ -44,6 +51,8 @@ class DescriptorChain:
     readable_len: int = 0
     writable_len: int = 0
     descriptor_count: int = 0
+    access_denied: IotlbAccessDenied | None = None  # first buffer the IOTLB refused
+    last_writable_denied: bool = False  # the status byte's buffer itself was refused
 
 
 def walk_chain(
@@ -88,6 +97,8 @@ def walk_chain(
             try:
                 space = table_space or buffers
                 current_table = space.view(addr, length, write=False)
+            except IotlbMiss:
+                raise
             except GuestMemoryError as exc:
                 raise BadChain(head, f"indirect table: {exc}") from None
             in_indirect = True
@@ -96,25 +107,29 @@ def walk_chain(
             index = 0
             continue
         write = bool(flags & VIRTQ_DESC_F_WRITE)
+        if not write and chain.writable_len:
+            raise BadChain(head, "device-readable descriptor after a writable one")
         if length:
             try:
                 views = buffers.views(addr, length, write=write)
+            except IotlbMiss:
+                raise
+            except IotlbAccessDenied as exc:
+                chain.access_denied = chain.access_denied or exc
+                views = []
             except GuestMemoryError as exc:
                 raise BadChain(head, f"descriptor {index}: {exc}") from None
             if write:
                 chain.writable.extend(views)
                 chain.writable_len += length
+                chain.last_writable_denied = not views
                 if chain.writable_len >= U32_LIMIT:
                     raise BadChain(head, "writable length overflows 32 bits")
             else:
-                if chain.writable:
-                    raise BadChain(head, "device-readable descriptor after a writable one")
                 chain.readable.extend(views)
                 chain.readable_len += length
                 if chain.readable_len >= U32_LIMIT:
                     raise BadChain(head, "readable length overflows 32 bits")
-        elif not write and chain.writable:
-            raise BadChain(head, "device-readable descriptor after a writable one")
         chain.descriptor_count += 1
         if not flags & VIRTQ_DESC_F_NEXT:
             return chain

@@ -27,6 +27,7 @@ from typing import Final
 
 from ..memory.address_space import AddressSpace
 from ..memory.errors import GuestMemoryError
+from ..memory.iotlb import IotlbMiss
 from .chain import DESC_SIZE, DescriptorChain, walk_chain
 from .errors import InvalidQueueConfig, QueueCorrupted
 
@@ -89,6 +90,7 @@ class SplitQueue:
         *,
         event_idx: bool,
         indirect: bool,
+        eager: bool = True,
     ) -> None:
         size = config.size
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
@@ -104,26 +106,48 @@ class SplitQueue:
         ):
             if addr % align:
                 raise InvalidQueueConfig(f"queue {config.index}: {name} {addr:#x} misaligned")
-        try:
-            self.desc_table = rings.view(config.desc_addr, DESC_SIZE * size, write=False)
-            self.avail = rings.view(config.avail_addr, 6 + 2 * size, write=False)
-            self.used = rings.view(config.used_addr, 6 + 8 * size, write=True)
-        except GuestMemoryError as exc:
-            raise InvalidQueueConfig(f"queue {config.index}: {exc}") from None
-        self.avail16 = self.avail.cast("H")  # flags, idx, ring[size], used_event
-        self.used16 = self.used.cast("H")  # flags, idx, {id, len}[size], avail_event
         self.index = config.index
         self.size = size
         self.buffers = buffers
         self.rings = rings
         self.event_idx = event_idx
         self.indirect = indirect
+        self._desc_addr, self._avail_addr, self._used_addr = (
+            config.desc_addr, config.avail_addr, config.used_addr,
+        )
         self.last_avail_idx = config.base & 0xFFFF
-        # The used index lives in guest memory: after a reconnect or migration
-        # it is where the previous owner left it.
-        self.used_idx = self.used16[1]
-        self._signalled_used = self.used_idx
-        self._signalled_valid = False
+        self.used_idx = 0
+        self._ring_generation: int | None = None
+        if eager:
+            self.ensure_rings()
+
+    def ensure_rings(self) -> None:
+        """(Re)translate the ring addresses when their translation may have changed.
+
+        Behind an IOTLB this is where a ring miss surfaces (``IotlbMiss``);
+        an address that no translation can reach is ``InvalidQueueConfig``.
+        """
+        generation = self.rings.generation
+        if generation == self._ring_generation:
+            return
+        size = self.size
+        try:
+            self.desc_table = self.rings.view(self._desc_addr, DESC_SIZE * size, write=False)
+            self.avail = self.rings.view(self._avail_addr, 6 + 2 * size, write=False)
+            self.used = self.rings.view(self._used_addr, 6 + 8 * size, write=True)
+        except IotlbMiss:
+            raise
+        except GuestMemoryError as exc:
+            raise InvalidQueueConfig(f"queue {self.index}: {exc}") from None
+        self.avail16 = self.avail.cast("H")  # flags, idx, ring[size], used_event
+        self.used16 = self.used.cast("H")  # flags, idx, {id, len}[size], avail_event
+        if self._ring_generation is None:
+            # The used index lives in guest memory: after a reconnect or migration
+            # it is where the previous owner left it.
+            self.used_idx = self.used16[1]
+            self._signalled_used = self.used_idx
+            self._signalled_valid = False
+        self._ring_generation = generation
 
     # -- driver -> device ----------------------------------------------------
     def avail_idx(self) -> int:
@@ -147,13 +171,19 @@ class SplitQueue:
         if head >= self.size:
             raise QueueCorrupted(f"queue {self.index}: avail ring names head {head} >= {self.size}")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        return walk_chain(
-            head,
-            self.desc_table,
-            self.size,
-            self.buffers,
-            indirect_allowed=self.indirect,
-        )
+        try:
+            return walk_chain(
+                head,
+                self.desc_table,
+                self.size,
+                self.buffers,
+                indirect_allowed=self.indirect,
+            )
+        except IotlbMiss:
+            # Not consumed: the chain is walked again once the translation arrives
+            # (or by whoever restarts the ring from the base we report).
+            self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+            raise
 
     def enable_notifications(self) -> None:
         """Ask the driver to kick for anything after what we have popped (EVENT_IDX)."""

@@ -14,6 +14,7 @@ from .codec import (
     request,
     request_name,
 )
+from .extension import AsidIotlbMsg, VendorProtocolFeature, VendorRequest
 from .constants import (
     BackendRequest,
     FrontendRequest,

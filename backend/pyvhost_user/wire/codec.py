@@ -195,7 +195,9 @@ def describe_payload(payload: Payload) -> str:
     parts = []
     for f in dataclasses.fields(payload):
         name, value = f.name, getattr(payload, f.name)
-        if isinstance(value, bytes):
+        if dataclasses.is_dataclass(value):
+            parts.append(describe_payload(value))  # type: ignore[arg-type]
+        elif isinstance(value, bytes):
             shown = value[:16].hex()
             parts.append(f"{name}={shown}{'...' if len(value) > 16 else ''}")
         elif isinstance(value, enum.Enum):

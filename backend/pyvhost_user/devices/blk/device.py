@@ -106,6 +106,15 @@ class BlkDevice(Device):
         )
 
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
+        if chain.access_denied is not None:
+            # An IOMMU fault: the request fails and no data moves. The status
+            # byte is answered when its own buffer is writable through the IOTLB.
+            self.metrics.add(requests_access_denied=1)
+            log.error("queue %d: request failed by the IOMMU: %s", queue_index, chain.access_denied)
+            if chain.writable and not chain.last_writable_denied:
+                _status_view(chain)[0] = BlkStatus.IOERR
+                return 1
+            return 0
         try:
             request = parse_request(chain, self.limits)
         except MissingStatus as exc:

@@ -19,6 +19,7 @@ class BlkMetrics:
     requests_refused: int = 0  # answered with IOERR/UNSUPP
     requests_unanswerable: int = 0  # no status byte: completed with length 0
     io_errors: int = 0  # the image itself failed
+    requests_access_denied: int = 0  # a buffer mapped without the permission needed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

@@ -1,0 +1,37 @@
+"""Back-end settings an operator chooses (the CLI fills them)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..memory.iotlb import DefaultMapping
+
+
+class IotlbPersist(enum.Enum):
+    """What a device reset does to the IOTLBs.
+
+    NEGOTIATED: keep them only for a front-end that acked the IOTLB_PERSIST
+    extension bit; reset them for any other (the safe legacy behaviour: QEMU
+    sends no invalidation when a guest reboots, so kept entries would be stale).
+    ALWAYS: keep them even for a stock front-end (knowingly unsafe; warned).
+    NEVER: reset them even when the front-end asked to keep them.
+    """
+
+    NEGOTIATED = "negotiated"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    num_asids: int = 2
+    # Default mapping of every ASID for a front-end that speaks the address-space
+    # extension. A stock front-end that negotiates ACCESS_PLATFORM has a guest
+    # vIOMMU behind it: its ASID 0 is always EMPTY (identity would bypass it).
+    asid_default: DefaultMapping = DefaultMapping.IDENTITY
+    iotlb_persist: IotlbPersist = IotlbPersist.NEGOTIATED
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_asids <= 64:
+            raise ValueError(f"--num-asids {self.num_asids} is not in 1..64")
