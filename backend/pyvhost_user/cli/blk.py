@@ -16,7 +16,9 @@ import sys
 from ..devices.base import DeviceError
 from ..devices.blk import BlkDevice
 from ..memory.iotlb import DefaultMapping
+from ..control.server import ControlServer
 from ..server import BackendServer
+from ..server.control_target import BackendControl
 from ..server.options import BackendOptions, IotlbPersist
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
@@ -119,11 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhost-user-blk: cannot listen: {exc}", file=sys.stderr)
         device.close()
         return 1
+    control = None
+    if args.control_socket:
+        try:
+            control = ControlServer(args.control_socket, BackendControl(server))
+            control.start()
+        except (OSError, ValueError) as exc:
+            print(f"vhost-user-blk: cannot open the control socket: {exc}", file=sys.stderr)
+            server.close()
+            device.close()
+            return 1
+        log.info("control socket on %s", args.control_socket)
     server.install_signal_handlers()
     log.info("serving %s", device.describe())
     try:
         server.serve_forever()
     finally:
+        if control is not None:
+            control.close()
         device.close()
     log.info("stopped after %d front-end session(s)", server.sessions_served)
     return 0

@@ -1,0 +1,104 @@
+"""The running back-end as the control socket sees it (a ``ControlTarget``).
+
+Every call takes the server's lock, the one held while a vhost-user message
+is handled, so an operator's command never interleaves with a message.
+IOTLBs belong to the front-end's session: with no front-end connected there
+are no address spaces to show or reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..control.target import ControlError, Event
+from ..memory.iotlb import IotlbError
+from .loop import BackendServer
+from .session import Session
+
+
+class BackendControl:
+    def __init__(self, server: BackendServer) -> None:
+        self.server = server
+
+    def _session(self) -> Session:
+        session = self.server.session
+        if session is None:
+            raise ControlError("no front-end is connected: there are no address spaces")
+        return session
+
+    def query_address_spaces(self, *, entries: bool = False) -> list[dict[str, Any]]:
+        with self.server.lock:
+            session = self.server.session
+            if session is None:
+                return []
+            out = []
+            for info, iotlb in zip(session.asids.describe(), session.asids.iotlbs):
+                info["touched"] = iotlb.touched
+                if entries:
+                    info["mappings"] = [
+                        {"iova": e.iova, "size": e.size, "uaddr": e.uaddr, "perm": e.perm}
+                        for e in iotlb.entries()
+                    ]
+                out.append(info)
+            return out
+
+    def query_groups(self) -> list[dict[str, Any]]:
+        device = self.server.device
+        with self.server.lock:
+            session = self.server.session
+            bindings = session.asids.group_asid if session else [0] * device.num_groups
+            return [
+                {
+                    "group": group,
+                    "asid": asid,
+                    "queues": [q for q in range(device.num_queues) if device.queue_group(q) == group],
+                }
+                for group, asid in enumerate(bindings)
+            ]
+
+    def reset_map(self, asid: int) -> dict[str, Any]:
+        with self.server.lock:
+            session = self._session()
+            try:
+                return session.reset_map(asid, cause="control socket")
+            except IotlbError as exc:
+                raise ControlError(str(exc), "InvalidParameter") from None
+
+    def query_stats(self) -> dict[str, Any]:
+        with self.server.lock:
+            stats: dict[str, Any] = {"sessions_served": self.server.sessions_served}
+            session = self.server.session
+            if session is not None:
+                stats.update(session.counters)
+                stats["iotlb_misses_waited"] = sum(
+                    r.worker.misses for r in session.rings if r.worker is not None
+                )
+            metrics = getattr(self.server.device, "metrics", None)
+            if metrics is not None:
+                stats.update(metrics.snapshot())
+            return stats
+
+    def query_status(self) -> dict[str, Any]:
+        with self.server.lock:
+            session = self.server.session
+            status: dict[str, Any] = {
+                "device": self.server.device.describe(),
+                "front_end_connected": session is not None,
+                "iotlb_persist": self.server.options.iotlb_persist.value,
+                "num_asids": self.server.options.num_asids,
+            }
+            if session is not None:
+                status.update(
+                    features=session.acked_features,
+                    protocol_features=session.acked_protocol_features,
+                    status=session.status,
+                    access_platform=session.access_platform,
+                    extension=session.extension_acked,
+                    persist_active=session.persist_active,
+                    rings=session.describe_state()["rings"],
+                )
+            return status
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        return self.server.subscribe(listener)
