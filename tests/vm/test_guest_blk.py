@@ -8,10 +8,12 @@ what is under test. PVU_VM_BACKENDS=pyvhost narrows a local run.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
 from pyvhost_user.launch import SUPPORTED_VERSIONS as QEMU_VERSIONS
+from pyvhost_user.wire import VendorProtocolFeature
 
 BACKENDS = os.environ.get("PVU_VM_BACKENDS", "pyvhost,qsd").split(",")
 MiB = 1 << 20
@@ -50,6 +52,18 @@ def test_guest_reads_whole_disk_and_writes_at_offset(
     assert image.md5(write_mib * MiB, 4 * MiB) == boot["write_md5"]
     assert (image.md5(0, write_mib * MiB), image.md5((write_mib + 4) * MiB)) == before_outside
     print(f"QEMU {qemu_version}: start -> PVU-DONE {done_after:.1f} s")
+    if backend_kind == "pyvhost":
+        assert_vendor_bits_offered_and_ignored(backend.log())
+
+
+def assert_vendor_bits_offered_and_ignored(trace: str) -> None:
+    """Our extension's protocol bits (48, 49) are offered; stock QEMU does not ack them."""
+    offered = re.search(r"-> GET_PROTOCOL_FEATURES reply value=(0x[0-9a-f]+)", trace)
+    acked = re.search(r"<- SET_PROTOCOL_FEATURES value=(0x[0-9a-f]+)", trace)
+    assert offered and acked, "protocol features not in the trace"
+    vendor = VendorProtocolFeature.ADDRESS_SPACES | VendorProtocolFeature.IOTLB_PERSIST
+    assert int(offered.group(1), 16) & vendor == vendor
+    assert int(acked.group(1), 16) & vendor == 0
 
 
 @pytest.mark.parametrize("backend_kind", BACKENDS)
