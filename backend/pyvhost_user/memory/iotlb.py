@@ -90,6 +90,9 @@ class Iotlb:
         self.generation = 0
         self.mapped_bytes = 0
         self.touched = False  # changed by the front-end since it connected
+        self.translations = 0
+        self.misses = 0
+        self.access_denials = 0
 
     # -- state ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -111,6 +114,9 @@ class Iotlb:
                 "state": "passthrough" if self.passthrough else ("empty" if not self._entries else "mapped"),
                 "entries": len(self._entries),
                 "mapped_bytes": self.memory.total_bytes() if self.passthrough else self.mapped_bytes,
+                "translations": self.translations,
+                "misses": self.misses,
+                "access_denials": self.access_denials,
             }
 
     # -- kernel rules ----------------------------------------------------------
@@ -205,6 +211,7 @@ class Iotlb:
         if iova + length - 1 > U64_MASK:
             raise IotlbAccessDenied(self.asid, iova, length, perm, "range wraps past 2**64")
         with self._lock:
+            self.translations += 1
             if self.passthrough:
                 pieces = [("gpa", iova, length)]
             else:
@@ -221,8 +228,10 @@ class Iotlb:
             i = bisect.bisect_right(self._starts, cursor) - 1
             entry = self._entries[i] if i >= 0 else None
             if entry is None or entry.last < cursor:
+                self.misses += 1
                 raise IotlbMiss(self.asid, cursor, remaining, perm, "no entry")
             if entry.perm & perm != perm:
+                self.access_denials += 1
                 raise IotlbAccessDenied(
                     self.asid, cursor, remaining, perm,
                     f"entry {entry.iova:#x}-{entry.last:#x} grants perm {entry.perm}, needs {perm}",

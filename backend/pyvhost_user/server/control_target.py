@@ -71,9 +71,8 @@ class BackendControl:
             session = self.server.session
             if session is not None:
                 stats.update(session.counters)
-                stats["iotlb_misses_waited"] = sum(
-                    r.worker.misses for r in session.rings if r.worker is not None
-                )
+                for name in ("translations", "misses", "access_denials"):
+                    stats[f"iotlb_{name}"] = sum(getattr(t, name) for t in session.asids.iotlbs)
             metrics = getattr(self.server.device, "metrics", None)
             if metrics is not None:
                 stats.update(metrics.snapshot())
