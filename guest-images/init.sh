@@ -3,11 +3,16 @@
 #
 # The host test chooses the work with kernel command-line words (no dots in
 # names: "a.b=c" is a module parameter):
-#   pvu_steps=queues,md5,write   steps to run, in this order
+#   pvu_steps=queues,md5,write   steps to run, in this order (a step may repeat:
+#                                queues md5 md5parts write writefail rebind)
 #   pvu_disk=vda                 disk the steps work on (default vda)
 #   pvu_write_mib=8              offset in MiB of the 4 MiB "write"/"writefail" range
 #   pvu_reboot=1                 "reboot -f" after the steps (else "poweroff -f")
 #   pvu_quiet=0                  keep kernel messages on the console during steps
+#   pvu_hog_kib=N                hold a random 0..N KiB of RAM (tmpfs) before the
+#                                drivers load and at each "rebind", so that rings
+#                                and buffers land on other pages than in the last
+#                                boot or bind (vIOMMU tests: same IOVAs, new GPAs)
 #
 # Everything the host parses is a marker line on the console (ttyS0):
 #   PVU-BOOT                     start of every boot
@@ -39,6 +44,7 @@ DISK=vda
 WRITE_MIB=8
 REBOOT=0
 QUIET=1
+HOG_KIB=0
 for word in $(cat /proc/cmdline); do
     case "$word" in
         pvu_steps=*) STEPS=$(echo "${word#pvu_steps=}" | tr ',' ' ') ;;
@@ -46,9 +52,23 @@ for word in $(cat /proc/cmdline); do
         pvu_write_mib=*) WRITE_MIB=${word#pvu_write_mib=} ;;
         pvu_reboot=*) REBOOT=${word#pvu_reboot=} ;;
         pvu_quiet=*) QUIET=${word#pvu_quiet=} ;;
+        pvu_hog_kib=*) HOG_KIB=${word#pvu_hog_kib=} ;;
     esac
 done
 DEV=/dev/$DISK
+
+# Hold a random number of 4 KiB pages in a tmpfs file (never freed): later
+# allocations (rings, DMA buffers) then come from other physical pages.
+HOGS=0
+hog_memory() {
+    [ "$HOG_KIB" -gt 0 ] 2>/dev/null || return 0
+    r=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+    pages=$(( r % (HOG_KIB / 4 + 1) ))
+    HOGS=$((HOGS + 1))
+    dd if=/dev/urandom of=/tmp/pvu-hog$HOGS bs=4096 count=$pages 2>/dev/null
+    result hog_kib $((pages * 4))
+}
+hog_memory
 
 # ---- modules (order matters: dependencies first) ----------------------------
 for mod in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev \
@@ -98,6 +118,60 @@ step_md5() {
     result md5 "${sum%% *}"
 }
 
+# md5 of a range read with O_DIRECT: md5_range NAME SKIP_MIB [COUNT_MIB]
+md5_range() {
+    rm -f /tmp/dd.rc
+    if [ -n "$3" ]; then count="count=$3"; else count=""; fi
+    sum=$( { dd if="$DEV" bs=1M skip="$2" $count iflag=direct 2>/tmp/dd.err; \
+             echo $? >/tmp/dd.rc; } | md5sum)
+    if [ "$(cat /tmp/dd.rc)" != 0 ]; then
+        error "$1: dd failed: $(cat /tmp/dd.err | tr '\n' ' ')"
+        result "$1" failed
+    else
+        result "$1" "${sum%% *}"
+    fi
+}
+
+# The disk in three parts around the 4 MiB write range: what a previous write
+# (or boot) left there can be checked exactly.
+step_md5parts() {
+    md5_range md5_head 0 "$WRITE_MIB"
+    md5_range md5_range "$WRITE_MIB" 4
+    md5_range md5_tail $((WRITE_MIB + 4))
+}
+
+# Unbind the virtio-blk driver from the disk's virtio device and bind it again:
+# the driver resets the device (status 0), frees its rings, then probes again
+# with new rings. Memory is hogged in between (pvu_hog_kib).
+step_rebind() {
+    drv=/sys/bus/virtio/drivers/virtio_blk
+    vdev=$(basename "$(readlink "/sys/block/$DISK/device")")
+    case "$vdev" in
+        virtio*) ;;
+        *) error "rebind: no virtio device behind $DISK ($vdev)"; result rebind failed; return ;;
+    esac
+    result rebind_dev "$vdev"
+    if ! echo "$vdev" > $drv/unbind; then
+        error "rebind: unbind $vdev failed"; result rebind failed; return
+    fi
+    i=0
+    while [ -e "/sys/block/$DISK" ]; do
+        i=$((i + 1))
+        if [ $i -gt 100 ]; then
+            error "rebind: $DISK still there 10 s after unbind"; result rebind failed; return
+        fi
+        sleep 0.1
+    done
+    hog_memory
+    if ! echo "$vdev" > $drv/bind; then
+        error "rebind: bind $vdev failed"; result rebind failed; return
+    fi
+    if ! wait_disk; then
+        error "rebind: no block device $DEV 20 s after bind"; result rebind failed; return
+    fi
+    result rebind ok
+}
+
 # Write 4 MiB of random data at $WRITE_MIB MiB with O_DIRECT; print "ok" or $1.
 write_range() {
     dd if=/dev/urandom of=/tmp/wdata bs=1M count=4 2>/dev/null
@@ -139,7 +213,7 @@ if [ -n "$STEPS" ]; then
     if wait_disk; then
         for step in $STEPS; do
             case "$step" in
-                queues|md5|write|writefail) "step_$step" ;;
+                queues|md5|md5parts|write|writefail|rebind) "step_$step" ;;
                 *) error "unknown step $step" ;;
             esac
         done

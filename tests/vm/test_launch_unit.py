@@ -59,3 +59,29 @@ def test_vhost_user_blk_args():
                     "queue-size=128,config-wce=off")]
     with pytest.raises(ValueError):
         VhostUserBlk("/" + "x" * 120).args(0)
+
+
+def test_parse_results_keeps_every_value_of_a_repeated_step():
+    [boot] = parse_results("PVU-BOOT\nPVU-RESULT md5=aa\nPVU-RESULT rebind=ok\n"
+                           "PVU-RESULT md5=bb\nPVU-DONE\n")
+    assert boot["md5"] == "bb"
+    assert boot.all == {"md5": ["aa", "bb"], "rebind": ["ok"]}
+
+
+def test_viommu_machine_arguments(tmp_path):
+    from pyvhost_user.launch import Machine
+
+    m = Machine("7.2", tmp_path, disks=[VhostUserBlk("/tmp/a.sock"),
+                                        VhostUserBlk("/tmp/b.sock", iommu=False)],
+                viommu=True, kernel="k", initrd="i")
+    a = m.args()
+    devices = [a[i + 1] for i, w in enumerate(a) if w == "-device"]
+    assert devices[0] == "intel-iommu,intremap=on,device-iotlb=on"
+    assert devices[1] == "pcie-root-port,id=rp-blk0,bus=pcie.0,chassis=1"
+    assert devices[2].endswith(",iommu_platform=on,ats=on,disable-legacy=on,bus=rp-blk0")
+    assert "iommu_platform" not in devices[3] and "bus=" not in devices[3]
+    assert "intel_iommu=on" in m.kernel_cmdline.split()
+    assert "kernel-irqchip" not in " ".join(a)          # TCG needs none
+    plain = Machine("7.2", tmp_path, disks=[VhostUserBlk("/tmp/a.sock")], kernel="k", initrd="i")
+    assert "intel-iommu" not in " ".join(plain.args())
+    assert "intel_iommu" not in plain.kernel_cmdline

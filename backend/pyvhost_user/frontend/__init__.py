@@ -12,7 +12,7 @@ from .blk import (
     BlkUnsupported,
     Ticket,
 )
-from .client import PROFILES, Frontend, Profile, QueueState
+from .client import PROFILES, Frontend, MissResponder, Profile, QueueState
 from .errors import (
     BackendClosed,
     BackendRefused,
@@ -23,6 +23,7 @@ from .errors import (
     RingError,
 )
 from .guest_ram import GuestRam, GuestRamError, RamRegion
+from .iommu import IOVA_OFFSET, Iommu, IommuEntry, IommuFault
 from .split_ring import Descriptor, Segment, SplitRing, vring_need_event
 
 __all__ = [name for name in dir() if not name.startswith("_")]

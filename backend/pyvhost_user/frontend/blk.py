@@ -13,7 +13,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple
 
@@ -21,6 +21,7 @@ from ..wire import VirtioFeature
 from .client import DEFAULT_TIMEOUT, Frontend, QueueState
 from .errors import FrontendError, FrontendTimeout, ProtocolViolation
 from .guest_ram import GuestRam
+from .iommu import Iommu, IommuMode
 from .split_ring import Segment, SplitRing
 
 SECTOR_SIZE: Final = 512
@@ -271,9 +272,19 @@ class BlkDriver:
         timeout: float = DEFAULT_TIMEOUT,
         memory_mode: str = "auto",
         driver_features: int = BLK_DRIVER_FEATURES,
+        iommu: Iommu | IommuMode | None = None,
+        extension: bool = False,
+        persist: bool = False,
+        premap: bool = False,
+        prefetch_used: bool | None = None,
     ) -> BlkDriver:
+        """Connect and start. ``iommu``: present IOVAs (ACCESS_PLATFORM acked, misses
+        answered in the background); ``premap``: send the whole page table as UPDATEs
+        at each start; ``extension``/``persist``: negotiate the vendor bits 48/49."""
         frontend = Frontend.connect(
-            path, ram, timeout=timeout, profile=profile, memory_mode=memory_mode
+            path, ram, timeout=timeout, profile=profile, memory_mode=memory_mode,
+            iommu=iommu, extension=extension, persist=persist, premap=premap,
+            prefetch_used=prefetch_used,
         )
         driver = cls(
             frontend,
@@ -409,12 +420,15 @@ class BlkDriver:
         *,
         indirect: bool = False,
         status_gpa: int | None = None,
+        translate: bool = True,
     ) -> Ticket:
         """Raw form: any chain of caller-owned buffers. The status byte read back is
-        at ``status_gpa``, by default the last byte of the last buffer if it is writable."""
-        if status_gpa is None and segments and segments[-1][2] and segments[-1][1]:
+        at ``status_gpa``, by default the last byte of the last buffer if it is writable.
+        ``translate=False`` (IOMMU mode): the segment addresses are IOVAs already, and
+        ``status_gpa`` must be given."""
+        if status_gpa is None and translate and segments and segments[-1][2] and segments[-1][1]:
             status_gpa = segments[-1][0] + segments[-1][1] - 1
-        head = self.ring(queue).add_chain(segments, indirect=indirect)
+        head = self.ring(queue).add_chain(segments, indirect=indirect, translate=translate)
         writable = sum(length for _, length, w in segments if w)
         self._work[queue].inflight[head] = _InFlight(None, [], None, 0, status_gpa, writable)
         self._publish({queue})
@@ -433,9 +447,12 @@ class BlkDriver:
         indirect: bool = False,
         status_gpa: int | None = None,
         timeout: float | None = None,
+        translate: bool = True,
     ) -> tuple[int, int | None]:
         """Submit a raw chain and wait: ``(used_len, status byte or None)``."""
-        ticket = self.submit_chain(segments, queue, indirect=indirect, status_gpa=status_gpa)
+        ticket = self.submit_chain(
+            segments, queue, indirect=indirect, status_gpa=status_gpa, translate=translate
+        )
         (completion,) = self.wait([ticket], timeout=timeout)
         return completion.used_len, completion.status
 
@@ -552,12 +569,13 @@ class BlkDriver:
         ]
         return b"".join(c.data for c in self.run(requests, depth))
 
-    def reboot(self) -> None:
-        """A guest reboot: in-flight requests are forgotten, the device restarts."""
+    def reboot(self, before_start: Callable[[], None] | None = None) -> None:
+        """A guest reboot: in-flight requests are forgotten, the device restarts
+        (``before_start``: see ``Frontend.reboot``)."""
         for work in self._work:
             for item in work.inflight.values():
                 for gpa in item.allocations:
                     self.ram.free(gpa)
             work.inflight.clear()
         self._done.clear()
-        self.frontend.reboot()
+        self.frontend.reboot(before_start)

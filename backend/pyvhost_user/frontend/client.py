@@ -10,15 +10,31 @@ in the project's vhost-user facts page.
 Replies are checked strictly: flags exactly ``VERSION|REPLY``, the request code
 of the request, the payload layout of the request. A message the backend sends
 when none is due is reported at the next send.
+
+IOMMU mode (``iommu=Iommu(...)``): ACCESS_PLATFORM is acked when offered,
+rings and descriptors carry IOVAs, and a background ``MissResponder`` answers
+the back-end's BACKEND_IOTLB_MSG misses the way QEMU's
+``vhost_device_iotlb_miss`` does. Two threads then use the main channel: every
+request/reply exchange holds ``exchange()`` (a lock), so a reply is always
+read by the thread that asked for it. A test that ``send``s and ``receive``s by
+hand while the responder runs holds ``with fe.exchange():`` around the pair.
+
+The pyvhost-user extension (``extension=True``, ``persist=True``): address
+spaces, groups, IOTLB messages with an ASID, batches, RESET_MAP, and IOTLB
+persistence across device resets; negotiated only when asked and offered, so
+the default front-end is a stock QEMU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -26,9 +42,14 @@ from ..wire import (
     BACKEND_LAYOUTS,
     FRONTEND_LAYOUTS,
     NEED_DATA,
+    AsidIotlbMsg,
+    BackendRequest,
     ConfigSpace,
     FrontendRequest,
     InflightDescription,
+    IotlbMsg,
+    IotlbPerm,
+    IotlbType,
     MemRegion,
     MemTable,
     Message,
@@ -36,6 +57,8 @@ from ..wire import (
     ProtocolFeature,
     SingleMemRegion,
     U64,
+    VendorProtocolFeature,
+    VendorRequest,
     VirtioFeature,
     VringAddr,
     VringFile,
@@ -45,6 +68,7 @@ from ..wire import (
     encode_message,
     reply,
     request,
+    request_name,
 )
 from ..wire.constants import MAX_FDS_PER_MESSAGE, REPLY_FLAGS, VRING_ADDR_F_LOG
 from ..wire.messages import Payload
@@ -56,11 +80,14 @@ from .errors import (
     NotNegotiated,
     ProtocolViolation,
 )
-from .guest_ram import GuestRam, RamRegion
+from .guest_ram import PAGE_SIZE, GuestRam, RamRegion
+from .iommu import Iommu, IommuFault, IommuMode
 from .split_ring import SplitRing
 
 F = FrontendRequest
 PF = ProtocolFeature
+VPF = VendorProtocolFeature
+VR = VendorRequest
 RECV_SIZE: Final = 65536
 DEFAULT_TIMEOUT: Final = 5.0
 
@@ -135,7 +162,15 @@ class QueueState:
 class Frontend:
     """A vhost-user front-end on a connected Unix socket.
 
-    ``ram`` is the guest RAM to offer (created, and then owned, if None).
+    ``ram`` is the guest RAM to offer (created, and then owned, if None; the
+    IOMMU's when an ``Iommu`` is given).
+    ``iommu``: an ``Iommu`` or a mode ("offset", "shuffle") to build one over
+    ``ram``: IOVAs instead of gpas, ACCESS_PLATFORM acked, misses answered by
+    a background ``MissResponder``. ``premap``: UPDATE the whole table at each
+    start (skipping what the back-end is known to hold). ``extension`` /
+    ``persist``: negotiate vendor bits 48 / 49 when offered. ``prefetch_used``:
+    UPDATE each used ring's page after DRIVER_OK as QEMU does (default: only
+    without the extension).
     ``memory_mode``: "auto" does what QEMU does (ADD_MEM_REG when
     CONFIGURE_MEM_SLOTS is negotiated, else SET_MEM_TABLE); "slots"/"table"
     force one. ``history`` records every message sent and received.
@@ -150,7 +185,15 @@ class Frontend:
         timeout: float = DEFAULT_TIMEOUT,
         memory_mode: MemoryMode = "auto",
         trace: Callable[[str], None] | None = None,
+        iommu: Iommu | IommuMode | None = None,
+        extension: bool = False,
+        persist: bool = False,
+        premap: bool = False,
+        respond_to_misses: bool = True,
+        prefetch_used: bool | None = None,
     ) -> None:
+        if isinstance(iommu, Iommu) and ram is None:
+            ram = iommu.ram  # the IOMMU's RAM; its owner closes it
         self.sock = sock
         self.profile = PROFILES[profile]
         self.timeout = timeout
@@ -175,6 +218,26 @@ class Frontend:
         self.inflight: tuple[InflightDescription, int] | None = None
         self._started_sizes: list[int] = []
         self._driver_features: int = 0
+        # One request/reply exchange at a time on the main channel (the miss
+        # responder sends UPDATEs from its own thread).
+        self._lock = threading.RLock()
+        # -- IOMMU and the address-space extension --
+        self.want_extension = extension
+        self.want_persist = persist
+        self.premap = premap
+        self.respond_to_misses = respond_to_misses
+        # QEMU sends the used ring's page unasked at each start (vhost_dev_start);
+        # a front-end that relies on IOTLB persistence does not.
+        self.prefetch_used = (not extension) if prefetch_used is None else prefetch_used
+        if isinstance(iommu, str):
+            iommu = Iommu(self.ram, mode=iommu)
+        self.iommus: dict[int, Iommu] = {} if iommu is None else {0: iommu}
+        self.group_asid: dict[int, int] = {}  # group -> asid, as set by set_group_asid
+        self.ring_group: dict[int, int] = {}  # ring -> group, as GET_VRING_GROUP said
+        # What the back-end holds, as far as the front-end knows: asid -> [(iova, size)].
+        self.sent_mappings: dict[int, list[tuple[int, int]]] = {}
+        self.iotlb_counters: Counter[str] = Counter()
+        self.responder: MissResponder | None = None
 
     @classmethod
     def connect(
@@ -196,6 +259,7 @@ class Frontend:
 
     def close(self) -> None:
         """Hang up and release every fd (and the RAM, if this front-end made it)."""
+        self.stop_miss_responder()
         self.sock.close()
         self._reader.close()
         if self.backend_channel is not None:
@@ -326,7 +390,7 @@ class Frontend:
         if message.request != code:
             message.close_fds()
             raise ProtocolViolation(
-                f"reply to {F(code).name} carries request code {message.request}"
+                f"reply to {request_name(code)} carries request code {message.request}"
             )
         return message
 
@@ -348,18 +412,23 @@ class Frontend:
         """
         ack_requested = (need_reply or sync) and self.reply_ack
         message = request(code, payload, fds=fds, need_reply=ack_requested)
-        self.send(message)
-        if FRONTEND_LAYOUTS[code].reply is not None and code != F.SET_LOG_BASE:
-            return self.receive_reply(code)
-        if ack_requested:
-            answer = self.receive_reply(code)
-            assert isinstance(answer.payload, U64)
-            if answer.payload.value != 0:
-                raise BackendRefused(code, answer.payload.value)
-            return answer
-        if sync:
-            self.get_features()
-        return None
+        with self._lock:
+            self.send(message)
+            if FRONTEND_LAYOUTS[code].reply is not None and code != F.SET_LOG_BASE:
+                return self.receive_reply(code)
+            if ack_requested:
+                answer = self.receive_reply(code)
+                assert isinstance(answer.payload, U64)
+                if answer.payload.value != 0:
+                    raise BackendRefused(code, answer.payload.value)
+                return answer
+            if sync:
+                self.get_features()
+            return None
+
+    def exchange(self) -> threading.RLock:
+        """Hold this around a hand-made send/receive pair (``with fe.exchange(): ...``)."""
+        return self._lock
 
     def _u64_reply(self, code: FrontendRequest) -> int:
         answer = self._request(code)
@@ -392,6 +461,7 @@ class Frontend:
 
     def reset_owner(self) -> None:
         self._request(F.RESET_OWNER)
+        self._device_was_reset()
 
     def get_queue_num(self) -> int:
         self.queue_num = self._u64_reply(F.GET_QUEUE_NUM)
@@ -522,12 +592,15 @@ class Frontend:
 
     def set_status(self, status: int) -> None:
         self._request(F.SET_STATUS, U64(status), sync=True)
+        if status == 0:
+            self._device_was_reset()
 
     def get_status(self) -> int:
         return self._u64_reply(F.GET_STATUS)
 
     def reset_device(self) -> None:
         self._request(F.RESET_DEVICE)
+        self._device_was_reset()
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[InflightDescription, int]:
         """GET_INFLIGHT_FD: the backend's description and fd (owned by the caller)."""
@@ -543,7 +616,12 @@ class Frontend:
 
     # -- QEMU's sequences -------------------------------------------------------
     def supported_protocol_features(self) -> int:
-        return self.profile.known_protocol_features & ~NEVER_NEGOTIATED
+        known = self.profile.known_protocol_features & ~NEVER_NEGOTIATED
+        if self.want_extension:
+            known |= VPF.ADDRESS_SPACES
+        if self.want_persist:
+            known |= VPF.IOTLB_PERSIST
+        return known
 
     def handshake(
         self, profile: str | None = None, *, num_queues: int = 1, config_size: int | None = None
@@ -572,6 +650,8 @@ class Frontend:
                     )
             if self.has_protocol_feature(PF.BACKEND_REQ):
                 self.set_backend_req_fd()
+                if self.iommus and self.respond_to_misses:
+                    self.start_miss_responder()
         max_queues = 1
         if self.has_protocol_feature(PF.MQ) and self.queue_num is not None:
             max_queues = self.queue_num
@@ -622,6 +702,8 @@ class Frontend:
 
     def _configure_ring(self, index: int, ring: SplitRing, base: int) -> None:
         """vhost_virtqueue_start: SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK."""
+        if self.iommus:
+            ring.iommu = self.iommu_of_asid(self.asid_of_ring(index))
         self.set_vring_num(index, ring.size)
         self.set_vring_base(index, base)
         self.set_vring_addr(index, ring.desc_user_addr, ring.used_user_addr, ring.avail_user_addr)
@@ -632,7 +714,10 @@ class Frontend:
         if queue.ring is not None:
             queue.ring.release()
         event_idx = bool(self.acked_features & VirtioFeature.EVENT_IDX)
-        queue.ring = SplitRing(self.ram, size, event_idx=event_idx, start_index=start_index)
+        iommu = self.iommu_of_asid(self.asid_of_ring(index)) if self.iommus else None
+        queue.ring = SplitRing(
+            self.ram, size, event_idx=event_idx, start_index=start_index, iommu=iommu
+        )
         queue.stopped_base = None
         return queue.ring
 
@@ -646,6 +731,10 @@ class Frontend:
         per ring NUM/BASE/ADDR/KICK, SET_VRING_ENABLE 1 per ring, [DRIVER_OK].
         """
         offered = self.offered_features or 0
+        if self.iommus:
+            if not offered & VirtioFeature.ACCESS_PLATFORM:
+                raise NotNegotiated("IOMMU mode needs VIRTIO_F_ACCESS_PLATFORM (not offered)")
+            driver_features |= VirtioFeature.ACCESS_PLATFORM
         features = offered & driver_features
         features |= offered & VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES
         self._driver_features = driver_features
@@ -659,6 +748,8 @@ class Frontend:
             self.set_vring_call(index)
         self._set_features_and_status(features)
         self.sync_memory()
+        if self.iommus and self.premap:
+            self.premap_iommu()
         rings = []
         for index, size in enumerate(queue_sizes):
             queue = self.queue(index)
@@ -672,6 +763,12 @@ class Frontend:
                 self.set_vring_enable(index, True)
         if self.has_protocol_feature(PF.STATUS):
             self._add_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK)
+        if self.access_platform and self.prefetch_used:
+            # vhost_dev_start: "Update used ring information for IOTLB to work correctly"
+            for index, ring in enumerate(rings):
+                asid = self.asid_of_ring(index)
+                if not self.backend_has(asid, ring.used_user_addr):
+                    self.answer_miss(ring.used_user_addr, asid=asid, write=True)
         return rings
 
     def stop_device(self) -> list[int]:
@@ -718,11 +815,13 @@ class Frontend:
             self.set_vring_enable(index, False)
         return self.get_vring_base(index)
 
-    def reboot(self) -> None:
+    def reboot(self, before_start: Callable[[], None] | None = None) -> None:
         """What a guest reboot makes QEMU send: stop, [RESET_DEVICE], start with fresh rings.
 
         The memory table is not resent when slots are used (QEMU diffs it);
-        SET_MEM_TABLE is, as QEMU sends it at every start.
+        SET_MEM_TABLE is, as QEMU sends it at every start. ``before_start`` runs
+        between the reset and the start (e.g. binding a group to an ASID, which
+        a device reset undoes and running rings forbid).
         """
         if not self._started_sizes:
             raise FrontendError("the device was never started")
@@ -734,6 +833,8 @@ class Frontend:
             assert ring is not None
             ring.reset()  # the rebooted driver allocates zeroed rings
             self.queue(index).stopped_base = None
+        if before_start is not None:
+            before_start()
         self.start_device(self._started_sizes, self._driver_features)
 
     def kick(self, index: int) -> None:
@@ -741,3 +842,290 @@ class Frontend:
 
     def rings(self) -> Iterable[SplitRing]:
         return (q.ring for q in self.queues.values() if q.ring is not None)
+
+    # -- IOMMU (VIRTIO_F_ACCESS_PLATFORM) ---------------------------------------------
+    @property
+    def iommu(self) -> Iommu | None:
+        """The guest IOMMU of ASID 0 (the one a stock QEMU has)."""
+        return self.iommus.get(0)
+
+    @property
+    def access_platform(self) -> bool:
+        return bool(self.acked_features & VirtioFeature.ACCESS_PLATFORM)
+
+    @property
+    def extension(self) -> bool:
+        """The address-space extension (vendor bit 48) was negotiated."""
+        return self.has_protocol_feature(VPF.ADDRESS_SPACES)
+
+    @property
+    def persist(self) -> bool:
+        """IOTLB persistence (vendor bit 49) was negotiated."""
+        return self.has_protocol_feature(VPF.IOTLB_PERSIST)
+
+    def attach_iommu(self, asid: int, iommu: Iommu) -> None:
+        """The page table behind ``asid``; rings bound to it pick it up at their next start."""
+        self.iommus[asid] = iommu
+
+    def iommu_of_asid(self, asid: int) -> Iommu:
+        try:
+            return self.iommus[asid]
+        except KeyError:
+            raise FrontendError(f"no IOMMU attached for ASID {asid}") from None
+
+    def asid_of_ring(self, index: int) -> int:
+        return self.group_asid.get(self.ring_group.get(index, 0), 0)
+
+    def _device_was_reset(self) -> None:
+        """Every group goes back to ASID 0; without persistence the back-end's IOTLBs
+        go back to their defaults (what the kernel and our back-end do)."""
+        self.group_asid.clear()
+        if not self.persist:
+            self.sent_mappings.clear()
+
+    @property
+    def iotlb_messages_sent(self) -> int:
+        """IOTLB UPDATEs and INVALIDATEs sent so far (with or without an ASID)."""
+        return self.iotlb_counters["update"] + self.iotlb_counters["invalidate"]
+
+    def backend_has(self, asid: int, iova: int, length: int = 1) -> bool:
+        """Whether an UPDATE this front-end sent (and nothing removed since) covers the range."""
+        return any(
+            start <= iova and iova + length <= start + size
+            for start, size in self.sent_mappings.get(asid, [])
+        )
+
+    def _forget_overlapping(self, asid: int, iova: int, size: int) -> None:
+        last = (iova + size - 1) & ((1 << 64) - 1)
+        if last < iova:
+            return
+        self.sent_mappings[asid] = [
+            (start, length)
+            for start, length in self.sent_mappings.get(asid, [])
+            if start + length - 1 < iova or start > last
+        ]
+
+    def answer_miss(self, iova: int, *, asid: int | None = None, write: bool = False) -> bool:
+        """QEMU's vhost_device_iotlb_miss: UPDATE the page holding ``iova`` (target: the
+        front-end user address of its gpa, permission: the page's), or nothing when the
+        IOVA is unmapped. True if an UPDATE was sent."""
+        if asid is None:
+            asid = self.asid_of_ring(0)
+        iommu = self.iommus.get(asid)
+        try:
+            if iommu is None:
+                raise IommuFault(f"no IOMMU for ASID {asid}")
+            gpa, perm = iommu.lookup_page(iova)
+        except IommuFault:
+            self.iotlb_counters["miss_unmapped"] += 1
+            return False
+        page = iova & ~(PAGE_SIZE - 1)
+        self.iotlb_update(asid, page, PAGE_SIZE, self.ram.uva(gpa, PAGE_SIZE), perm)
+        return True
+
+    def premap_iommu(self, asid: int = 0) -> int:
+        """Send an UPDATE for every entry of ``asid``'s page table the back-end lacks
+        (in one batch when the extension is negotiated); returns how many."""
+        iommu = self.iommu_of_asid(asid)
+        wanted = [e for e in iommu.entries() if not self.backend_has(asid, e.iova, e.size)]
+        if not wanted:
+            return 0
+        batch = self.iotlb_batch() if self.extension else contextlib.nullcontext()
+        with batch:
+            for entry in wanted:
+                self.iotlb_update(
+                    asid, entry.iova, entry.size, self.ram.uva(entry.gpa, entry.size), entry.perm
+                )
+        return len(wanted)
+
+    def iommu_unmap(self, iova: int, size: int, *, asid: int = 0, invalidate: bool = True) -> None:
+        """The guest unmaps ``[iova, iova+size)``; QEMU's unmap notifier sends INVALIDATE."""
+        self.iommu_of_asid(asid).unmap(iova, size)
+        if invalidate:
+            self.iotlb_invalidate(asid, iova, size)
+
+    def start_miss_responder(self) -> MissResponder:
+        if self.backend_channel is None:
+            raise FrontendError("no backend-request channel to answer misses on")
+        self.stop_miss_responder()
+        self.responder = MissResponder(self)
+        self.responder.start()
+        return self.responder
+
+    def stop_miss_responder(self) -> None:
+        if self.responder is not None:
+            self.responder.stop()
+            self.responder = None
+
+    # -- the pyvhost-user extension (docs/vhost-user-asid-extension.rst) ---------------
+    def _need_extension(self, what: str) -> None:
+        if not self.extension:
+            raise NotNegotiated(f"{what} needs the ADDRESS_SPACES extension (vendor bit 48)")
+
+    def get_num_asids(self) -> int:
+        self._need_extension("GET_NUM_ASIDS")
+        return self._u64_reply(VR.GET_NUM_ASIDS)  # type: ignore[arg-type]
+
+    def get_vring_group(self, index: int) -> int:
+        self._need_extension("GET_VRING_GROUP")
+        answer = self._request(VR.GET_VRING_GROUP, VringState(index, 0))  # type: ignore[arg-type]
+        assert answer is not None and isinstance(answer.payload, VringState)
+        if answer.payload.index != index:
+            raise ProtocolViolation(
+                f"GET_VRING_GROUP for ring {index} answered for ring {answer.payload.index}"
+            )
+        self.ring_group[index] = answer.payload.num
+        return answer.payload.num
+
+    def set_group_asid(self, group: int, asid: int) -> None:
+        self._need_extension("SET_GROUP_ASID")
+        self._request(VR.SET_GROUP_ASID, VringState(group, asid), need_reply=True)  # type: ignore[arg-type]
+        self.group_asid[group] = asid
+
+    def _iotlb_message(self, asid: int, msg: IotlbMsg) -> None:
+        """IOTLB_MSG (ASID 0, stock) or IOTLB_MSG_ASID; with REPLY_ACK, NEED_REPLY is set
+        and a non-zero ack raises ``BackendRefused`` (QEMU's vhost_user_send_device_iotlb_msg)."""
+        code: int
+        payload: Payload
+        if self.extension:
+            code, payload = VR.IOTLB_MSG_ASID, AsidIotlbMsg(asid, msg)
+        elif asid != 0:
+            raise NotNegotiated(f"ASID {asid} needs the ADDRESS_SPACES extension")
+        else:
+            code, payload = F.IOTLB_MSG, msg
+        with self._lock:
+            self.send(request(code, payload, need_reply=self.reply_ack))
+            if not self.reply_ack:
+                return
+            answer = self.receive_reply(code)
+        assert isinstance(answer.payload, U64)
+        if answer.payload.value != 0:
+            raise BackendRefused(code, answer.payload.value)
+
+    def iotlb_update(
+        self, asid: int, iova: int, size: int, uaddr: int, perm: int = IotlbPerm.RW
+    ) -> None:
+        """IOTLB UPDATE (IOTLB_MSG_ASID with the extension, else the stock IOTLB_MSG for
+        ASID 0); waits for the ack when REPLY_ACK is negotiated (``BackendRefused``)."""
+        self.iotlb_counters["update"] += 1
+        try:
+            self._iotlb_message(
+                asid, IotlbMsg(iova, size, uaddr, IotlbPerm(perm), IotlbType.UPDATE)
+            )
+        except BackendRefused:
+            self.iotlb_counters["refused"] += 1
+            raise
+        self.sent_mappings.setdefault(asid, []).append((iova, size))
+
+    def iotlb_invalidate(self, asid: int, iova: int, size: int) -> None:
+        """IOTLB INVALIDATE; ``iova=0, size=0`` is "everything", as in the kernel."""
+        self.iotlb_counters["invalidate"] += 1
+        try:
+            self._iotlb_message(asid, IotlbMsg(iova, size, 0, IotlbPerm.NONE, IotlbType.INVALIDATE))
+        except BackendRefused:
+            self.iotlb_counters["refused"] += 1
+            raise
+        self._forget_overlapping(asid, iova, size)
+
+    @contextlib.contextmanager
+    def iotlb_batch(self) -> Iterator[None]:
+        """IOTLB_BATCH_BEGIN ... IOTLB_BATCH_END; the main channel is held throughout."""
+        self._need_extension("IOTLB_BATCH_BEGIN")
+        with self._lock:
+            self.iotlb_counters["batch_begin"] += 1
+            self._request(VR.IOTLB_BATCH_BEGIN, need_reply=True)  # type: ignore[arg-type]
+            try:
+                yield
+            finally:
+                self.iotlb_counters["batch_end"] += 1
+                self._request(VR.IOTLB_BATCH_END, need_reply=True)  # type: ignore[arg-type]
+
+    def reset_map(self, asid: int) -> None:
+        """RESET_MAP: ``asid`` back to its default mapping (identity or empty)."""
+        self._need_extension("RESET_MAP")
+        self.iotlb_counters["reset_map"] += 1
+        self._request(VR.RESET_MAP, U64(asid), need_reply=True)  # type: ignore[arg-type]
+        self.sent_mappings.pop(asid, None)
+
+
+class MissResponder:
+    """A thread answering BACKEND_IOTLB_MSG MISS like QEMU (``Frontend.answer_miss``).
+
+    Misses are recorded in ``misses`` as ``(iova, perm, answered)``; anything
+    unexpected lands in ``errors`` (``check()`` raises on it). Other back-end
+    requests are acked with a failure when they ask for a reply.
+    """
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.misses: list[tuple[int, int, bool]] = []
+        self.errors: list[str] = []
+        self.other_requests: list[str] = []
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="iotlb-miss-responder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            os.eventfd_write(self._wake, 1)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.errors.append("the miss responder did not stop")
+                return
+        if self._wake >= 0:
+            os.close(self._wake)
+            self._wake = -1
+
+    def check(self) -> None:
+        if self.errors:
+            raise FrontendError("IOTLB miss responder: " + "; ".join(self.errors))
+
+    def _run(self) -> None:
+        fe = self.frontend
+        channel = fe.backend_channel
+        assert channel is not None
+        poller = select.poll()
+        poller.register(channel.fileno(), select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        while True:
+            if not fe._backend_reader.buffered_bytes:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake in ready:
+                    return
+            try:
+                message = fe.read_backend_request()
+            except BackendClosed:
+                return
+            except FrontendError as exc:
+                if self._wake in {fd for fd, _ in poller.poll(0)}:
+                    return
+                self.errors.append(f"reading the backend channel: {exc}")
+                return
+            try:
+                self._handle(message)
+            except BackendClosed:
+                return
+            except FrontendError as exc:
+                self.errors.append(f"answering {message}: {exc}")
+
+    def _handle(self, message: Message) -> None:
+        fe = self.frontend
+        payload = message.payload
+        if (
+            message.request == BackendRequest.IOTLB_MSG
+            and isinstance(payload, IotlbMsg)
+            and payload.type == IotlbType.MISS
+        ):
+            fe.iotlb_counters["miss_received"] += 1
+            answered = False
+            try:
+                answered = fe.answer_miss(payload.iova, write=bool(payload.perm & IotlbPerm.WO))
+            finally:
+                self.misses.append((payload.iova, int(payload.perm), answered))
+            fe.answer_backend(message, 0)
+            return
+        self.other_requests.append(str(message))
+        message.close_fds()
+        fe.answer_backend(message, 1)

@@ -22,10 +22,13 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from .errors import ProtocolViolation, RingError
-from .guest_ram import GuestRam
+from .guest_ram import PAGE_SIZE, GuestRam
+
+if TYPE_CHECKING:
+    from .iommu import Iommu
 
 DESC: Final = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEM: Final = struct.Struct("<II")  # id, len
@@ -68,6 +71,13 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
+def dma_align(size: int, align: int) -> int:
+    """An alignment that keeps ``size`` bytes inside one page (page alignment if bigger)."""
+    if size >= PAGE_SIZE:
+        return max(align, PAGE_SIZE)
+    return max(align, 1 << (size - 1).bit_length())
+
+
 def ring_sizes(size: int) -> tuple[int, int, int]:
     """Bytes of the descriptor table, avail ring and used ring (with the event fields)."""
     return 16 * size, 6 + 2 * size, 6 + 8 * size
@@ -78,20 +88,33 @@ class SplitRing:
 
     ``start_index`` starts avail.idx and used.idx there (the base to send with
     SET_VRING_BASE), so tests can reach the u16 wrap-around quickly.
+
+    ``iommu`` (ACCESS_PLATFORM): the ring addresses and every descriptor address
+    are IOVAs through it; a buffer that is several IOVA runs becomes several
+    descriptors. It may be swapped (``ring.iommu = ...``) while the ring is
+    stopped, e.g. when its group moves to another address space.
     """
 
     def __init__(
-        self, ram: GuestRam, size: int, *, event_idx: bool = False, start_index: int = 0
+        self,
+        ram: GuestRam,
+        size: int,
+        *,
+        event_idx: bool = False,
+        start_index: int = 0,
+        iommu: Iommu | None = None,
     ) -> None:
         if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise RingError(f"split ring size {size} is not a power of 2 in 1..32768")
         self.ram = ram
         self.size = size
         self.event_idx = event_idx
+        self.iommu = iommu
         desc_bytes, avail_bytes, used_bytes = ring_sizes(size)
-        self.desc_gpa = ram.alloc(desc_bytes, DESC_ALIGN)
-        self.avail_gpa = ram.alloc(avail_bytes, AVAIL_ALIGN)
-        self.used_gpa = ram.alloc(used_bytes, USED_ALIGN)
+        self._sizes = (desc_bytes, avail_bytes, used_bytes)
+        self.desc_gpa = self._alloc(desc_bytes, DESC_ALIGN)
+        self.avail_gpa = self._alloc(avail_bytes, AVAIL_ALIGN)
+        self.used_gpa = self._alloc(used_bytes, USED_ALIGN)
         self._desc = ram.view(self.desc_gpa, desc_bytes)
         self._avail = ram.view(self.avail_gpa, avail_bytes)
         self._used = ram.view(self.used_gpa, used_bytes)
@@ -127,18 +150,46 @@ class SplitRing:
         for gpa in (self.desc_gpa, self.avail_gpa, self.used_gpa):
             self.ram.free(gpa)
 
+    def _alloc(self, size: int, align: int) -> int:
+        """With an IOMMU, a structure of at most a page never crosses a page (so it
+        is one IOVA run whatever the page table); a bigger one starts on a page."""
+        if self.iommu is not None:
+            return self.ram.alloc(size, dma_align(size, align))
+        return self.ram.alloc(size, align)
+
     # -- addresses for SET_VRING_ADDR ----------------------------------------
+    # Without an IOMMU these are front-end user addresses (what QEMU sends);
+    # with one, IOVAs (QEMU's vhost_memory_map returns the IOVA itself then).
+    def _ring_addr(self, gpa: int, length: int) -> int:
+        if self.iommu is not None:
+            return self.iommu.iova_contiguous(gpa, length)
+        return self.ram.uva(gpa)
+
     @property
     def desc_user_addr(self) -> int:
-        return self.ram.uva(self.desc_gpa)
+        return self._ring_addr(self.desc_gpa, self._sizes[0])
 
     @property
     def avail_user_addr(self) -> int:
-        return self.ram.uva(self.avail_gpa)
+        return self._ring_addr(self.avail_gpa, self._sizes[1])
 
     @property
     def used_user_addr(self) -> int:
-        return self.ram.uva(self.used_gpa)
+        return self._ring_addr(self.used_gpa, self._sizes[2])
+
+    def dma_segments(
+        self, segments: Sequence[tuple[int, int, bool]]
+    ) -> list[tuple[int, int, bool]]:
+        """gpa segments as the device must see them: IOVA runs with an IOMMU, else as is."""
+        if self.iommu is None:
+            return [tuple(s) for s in segments]  # type: ignore[misc]
+        out: list[tuple[int, int, bool]] = []
+        for gpa, length, writable in segments:
+            if length == 0:
+                out.append((self.iommu.iova(gpa), 0, writable))
+                continue
+            out.extend((iova, run, writable) for iova, run in self.iommu.iova_runs(gpa, length))
+        return out
 
     # -- raw field access (tests may corrupt anything) -----------------------
     def write_descriptor(self, index: int, addr: int, length: int, flags: int, next_: int) -> None:
@@ -211,13 +262,26 @@ class SplitRing:
             raise RingError(f"{count} descriptors wanted, {len(self._free)} free")
         return [self._free.popleft() for _ in range(count)]
 
-    def add_chain(self, segments: Sequence[tuple[int, int, bool]], indirect: bool = False) -> int:
-        """Write a chain and queue its head in the avail ring (not yet published)."""
+    def add_chain(
+        self,
+        segments: Sequence[tuple[int, int, bool]],
+        indirect: bool = False,
+        *,
+        translate: bool = True,
+    ) -> int:
+        """Write a chain and queue its head in the avail ring (not yet published).
+
+        Segments are gpas; with an IOMMU they are written as IOVAs (one
+        descriptor per IOVA run). ``translate=False`` writes the addresses as
+        given (a test that picks its own IOVAs).
+        """
         if not segments:
             raise RingError("a chain needs at least one buffer")
+        if translate:
+            segments = self.dma_segments(segments)
         table: int | None = None
         if indirect:
-            table = self.ram.alloc(16 * len(segments), DESC_ALIGN)
+            table = self._alloc(16 * len(segments), DESC_ALIGN)
             entries = bytearray()
             for i, (gpa, length, writable) in enumerate(segments):
                 flags = VIRTQ_DESC_F_WRITE if writable else 0
@@ -227,7 +291,10 @@ class SplitRing:
                 entries += DESC.pack(gpa, length, flags, 0 if last else i + 1)
             self.ram.write(table, entries)
             ids = self.take_descriptors(1)
-            self.write_descriptor(ids[0], table, len(entries), VIRTQ_DESC_F_INDIRECT, 0)
+            table_addr = table
+            if self.iommu is not None:
+                table_addr = self.iommu.iova_contiguous(table, len(entries))
+            self.write_descriptor(ids[0], table_addr, len(entries), VIRTQ_DESC_F_INDIRECT, 0)
         else:
             ids = self.take_descriptors(len(segments))
             for i, (gpa, length, writable) in enumerate(segments):

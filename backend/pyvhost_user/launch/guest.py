@@ -25,7 +25,7 @@ BUILDER_ENV = "PYVHOST_USER_GUEST_BUILDER"
 BUILDER_REL = Path("guest-images") / "build-guest.py"
 
 # Steps /init knows (pvu_steps=...).
-STEPS = ("queues", "md5", "write", "writefail")
+STEPS = ("queues", "md5", "md5parts", "write", "writefail", "rebind")
 
 
 class GuestImageError(RuntimeError):
@@ -107,12 +107,15 @@ def kernel_args(steps=("md5",), *, disk: str | None = None, write_mib: int | Non
 class BootResults(dict):
     """The ``PVU-RESULT`` values of one boot (name -> value, last one wins).
 
-    ``done``: PVU-DONE was seen; ``errors``: PVU-ERROR texts; ``dmesg``:
-    PVU-DMESG lines; ``lines``: this boot's marker lines.
+    ``all``: name -> every value in order (a step that runs twice, e.g. md5
+    before and after a rebind); ``done``: PVU-DONE was seen; ``errors``:
+    PVU-ERROR texts; ``dmesg``: PVU-DMESG lines; ``lines``: this boot's marker
+    lines.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.all: dict[str, list[str]] = {}
         self.done = False
         self.errors: list[str] = []
         self.dmesg: list[str] = []
@@ -150,6 +153,7 @@ def parse_results(text: str) -> list[BootResults]:
             r = _RESULT.match(rest)
             if r:
                 boot[r.group(1)] = r.group(2)
+                boot.all.setdefault(r.group(1), []).append(r.group(2))
         elif kind == "ERROR":
             boot.errors.append(rest)
         elif kind == "DMESG":

@@ -32,6 +32,16 @@ from .qemu_binaries import QemuBinary, find_qemu
 POLL_INTERVAL = 0.05
 UNIX_PATH_MAX = 107
 
+# A guest vIOMMU for vhost-user devices (Machine(viommu=True)): QEMU's emulated
+# Intel IOMMU with interrupt remapping and a device IOTLB (ATS), the device
+# options that put a virtio device behind it, and the guest kernel word that
+# turns DMA remapping on. The device then negotiates VIRTIO_F_ACCESS_PLATFORM,
+# its rings and buffers are IOVAs, and the back-end translates them through
+# IOTLB_MSG updates (asking QEMU with IOTLB misses on the back-end channel).
+VIOMMU_DEVICE = {"intremap": True, "device-iotlb": True}
+VIOMMU_DISK_OPTIONS = {"iommu_platform": True, "ats": True, "disable-legacy": True}
+VIOMMU_KERNEL_ARGS = ("intel_iommu=on",)
+
 
 class MachineError(RuntimeError):
     """QEMU failed, exited early, or a wait failed; the message has the log tails."""
@@ -81,8 +91,12 @@ class VhostUserBlk:
     reconnect: int | None = None        # chardev reconnect=N (seconds)
     id: str | None = None               # device id (default blk0, blk1, ...)
     options: dict[str, Any] = field(default_factory=dict)  # more -device options
+    # Behind the machine's vIOMMU (iommu_platform, ats, disable-legacy): None
+    # follows Machine(viommu=...); False keeps a device out of it on such a machine.
+    iommu: bool | None = None
 
-    def args(self, index: int) -> list[str]:
+    def args(self, index: int, *, viommu: bool = False) -> list[str]:
+        """-chardev and -device words; ``viommu``: the machine has a vIOMMU."""
         dev_id = self.id or f"blk{index}"
         chardev = f"char-{dev_id}"
         sock = os.fspath(self.socket)
@@ -92,9 +106,21 @@ class VhostUserBlk:
         if self.reconnect is not None:
             chr_opts += f",reconnect={int(self.reconnect)}"
         dev = f"vhost-user-blk-pci,id={dev_id},chardev={chardev},num-queues={self.num_queues}"
-        for k, v in self.options.items():
+        options = dict(self.options)
+        behind_iommu = bool(self.iommu or (self.iommu is None and viommu))
+        if behind_iommu:
+            for k, v in VIOMMU_DISK_OPTIONS.items():
+                options.setdefault(k, v)
+        root_port: list[str] = []
+        if behind_iommu and "bus" not in options:
+            # ATS needs a PCI Express device: QEMU makes a virtio device one only
+            # behind a port, never on the root bus (there ats=on does nothing).
+            port = f"rp-{dev_id}"
+            root_port = ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={index + 1}"]
+            options["bus"] = port
+        for k, v in options.items():
             dev += f",{k}={_opt(v)}"
-        return ["-chardev", chr_opts, "-device", dev]
+        return ["-chardev", chr_opts, *root_port, "-device", dev]
 
 
 class _LoopThread:
@@ -132,6 +158,10 @@ class Machine:
     guest_args adds name=value words).  reboot: the guest reboots after its
     steps and QEMU runs without -no-reboot (each boot prints PVU-BOOT).
     memory: size of the shared memfd RAM.  extra_args: appended to QEMU's argv.
+    viommu: a guest vIOMMU (intel-iommu, intremap=on, device-iotlb=on, plus
+    ``iommu_options``), every disk behind it (iommu_platform=on, ats=on,
+    disable-legacy=on; see VhostUserBlk.iommu) and ``intel_iommu=on`` on the
+    guest kernel line.  q35 only.
     """
 
     def __init__(
@@ -154,6 +184,8 @@ class Machine:
         initrd: str | os.PathLike | None = None,
         extra_args: Sequence[str] = (),
         qmp: bool = True,
+        viommu: bool = False,
+        iommu_options: dict[str, Any] | None = None,
         name: str = "vm",
         die_with_parent: bool = True,
     ) -> None:
@@ -171,6 +203,10 @@ class Machine:
             if len(os.fsencode(self.qmp_socket)) > UNIX_PATH_MAX:
                 self.qmp_socket = Path(tempfile.mkdtemp(prefix="pvu-qmp-")) / "qmp.sock"
         self.disks = [d if isinstance(d, VhostUserBlk) else VhostUserBlk(d) for d in disks]
+        if viommu and machine_type.split(",")[0] != "q35":
+            raise ValueError(f"viommu needs a q35 machine, not {machine_type!r}")
+        self.viommu = viommu
+        self.iommu_options = {**VIOMMU_DEVICE, **(iommu_options or {})}
         if kernel is None or initrd is None:
             k, i = guest_image()
             kernel = kernel or k
@@ -180,6 +216,7 @@ class Machine:
             ["console=ttyS0", "panic=-1"]
             + kernel_args(steps, disk=disk, write_mib=write_mib, reboot=reboot,
                           **(guest_args or {}))
+            + (list(VIOMMU_KERNEL_ARGS) if viommu else [])
             + list(append))
         self.reboot = reboot
         self.memory, self.machine_type, self.smp, self.accel = memory, machine_type, smp, accel
@@ -206,7 +243,10 @@ class Machine:
             "-accel", self.accel,
             "-nodefaults", "-display", "none",
             "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
-            "-machine", f"{self.machine_type},memory-backend=mem",
+            "-machine", f"{self.machine_type},memory-backend=mem" + (
+                # Interrupt remapping cannot use KVM's in-kernel irqchip; TCG
+                # (7.2 and 10.0) needs nothing.
+                ",kernel-irqchip=split" if self.viommu and self.accel == "kvm" else ""),
             "-smp", str(self.smp),
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
@@ -218,8 +258,12 @@ class Machine:
             a.append("-no-reboot")
         if self.qmp_socket is not None:
             a += ["-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off"]
+        if self.viommu:
+            # Before every PCI device (QEMU 7.2 requires it of intel-iommu).
+            a += ["-device", "intel-iommu" + "".join(
+                f",{k}={_opt(v)}" for k, v in self.iommu_options.items())]
         for i, d in enumerate(self.disks):
-            a += d.args(i)
+            a += d.args(i, viommu=self.viommu)
         return a + self.extra_args
 
     def command(self) -> list[str]:

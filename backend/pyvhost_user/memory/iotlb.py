@@ -14,15 +14,18 @@ The rules mirror Linux vhost/vDPA (``drivers/vhost/vdpa.c``,
   costs the same whatever was mapped;
 * the first UPDATE on a passthrough ASID drops the passthrough first.
 
-Lookups are O(log n) (bisect over entry starts).
+Entries live in a ``SortedKeyList`` (sortedcontainers) keyed by IOVA: map,
+lookup and invalidate are O(log n) up to millions of entries, where plain
+list insertion would move the whole table on every UPDATE.
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
 import threading
 from dataclasses import dataclass
+
+from sortedcontainers import SortedKeyList
 
 from .errors import GuestMemoryError, UnmappedAddress
 from .guest_memory import GuestMemory
@@ -75,6 +78,14 @@ class IotlbEntry:
         return self.iova + self.size - 1
 
 
+def _new_table() -> SortedKeyList:
+    return SortedKeyList(key=_iova_of)
+
+
+def _iova_of(entry: IotlbEntry) -> int:
+    return entry.iova
+
+
 class Iotlb:
     """The IOTLB of one ASID. Thread-safe: workers translate while the dispatcher updates."""
 
@@ -83,8 +94,7 @@ class Iotlb:
         self.memory = memory
         self.default = default
         self.passthrough = default is DefaultMapping.IDENTITY
-        self._starts: list[int] = []
-        self._entries: list[IotlbEntry] = []
+        self._entries: SortedKeyList = _new_table()
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # waiters for an UPDATE after a miss
         self.generation = 0
@@ -142,9 +152,7 @@ class Iotlb:
                     f"asid {self.asid}: update {iova:#x}-{entry.last:#x} overlaps entry "
                     f"{clash.iova:#x}-{clash.last:#x}"
                 )
-            i = bisect.bisect_left(self._starts, iova)
-            self._starts.insert(i, iova)
-            self._entries.insert(i, entry)
+            self._entries.add(entry)
             self.mapped_bytes += size
             self._changed()
 
@@ -162,12 +170,12 @@ class Iotlb:
                 self.passthrough = False
             if last < iova:
                 return 0
-            lo = bisect.bisect_left(self._starts, iova)
+            lo = self._entries.bisect_key_left(iova)
             if lo > 0 and self._entries[lo - 1].last >= iova:
                 lo -= 1
-            hi = bisect.bisect_right(self._starts, last)
+            hi = self._entries.bisect_key_right(last)
             removed = self._entries[lo:hi]
-            del self._entries[lo:hi], self._starts[lo:hi]
+            del self._entries[lo:hi]
             self.mapped_bytes -= sum(e.size for e in removed)
             self._changed()
             return len(removed)
@@ -175,26 +183,24 @@ class Iotlb:
     def reset_map(self) -> None:
         """Back to the default state, in O(1) whatever is mapped (the seed's .reset_map)."""
         with self._lock:
-            self._entries = []
-            self._starts = []
+            self._entries = _new_table()  # O(1): the old table is simply dropped
             self.mapped_bytes = 0
             self.passthrough = self.default is DefaultMapping.IDENTITY
-            self.touched = False
-            self._changed()
+            self._changed(touch=False)  # back at its default: nothing left to undo
 
-    def _changed(self) -> None:
+    def _changed(self, *, touch: bool = True) -> None:
         self.generation += 1
-        self.touched = True
+        self.touched = touch
         self.changed.notify_all()
 
     def has_entry(self, iova: int, size: int, uaddr: int, perm: int) -> bool:
         """Whether exactly this entry is already mapped (a repeated UPDATE)."""
         with self._lock:
-            i = bisect.bisect_left(self._starts, iova)
+            i = self._entries.bisect_key_left(iova)
             return i < len(self._entries) and self._entries[i] == IotlbEntry(iova, size, uaddr, perm)
 
     def _first_overlap(self, iova: int, last: int) -> IotlbEntry | None:
-        i = bisect.bisect_right(self._starts, last) - 1
+        i = self._entries.bisect_key_right(last) - 1
         if i >= 0 and self._entries[i].last >= iova:
             return self._entries[i]
         return None
@@ -225,7 +231,7 @@ class Iotlb:
         pieces: list[tuple[str, int, int]] = []
         cursor, remaining = iova, length
         while remaining:
-            i = bisect.bisect_right(self._starts, cursor) - 1
+            i = self._entries.bisect_key_right(cursor) - 1
             entry = self._entries[i] if i >= 0 else None
             if entry is None or entry.last < cursor:
                 self.misses += 1

@@ -171,15 +171,21 @@ class QueueWorker:
         give_up = time.monotonic() + MISS_GIVE_UP_SECONDS
         self._waiting_on = iotlb
         try:
+            asked = warned = False
             while not self._stopping:
                 generation = iotlb.generation
                 self.misses += 1
                 log.debug("queue %d: IOTLB miss asid %d iova %#x perm %d",
                           self.queue.index, miss.asid, miss.iova, miss.perm)
-                if not self._translations.send_miss(miss.asid, miss.iova, miss.perm):
-                    raise QueueCorrupted(
-                        f"queue {self.queue.index}: {miss}, and no backend-request channel "
-                        "to ask the front-end for it"
+                if self._translations.send_miss(miss.asid, miss.iova, miss.perm):
+                    asked = True
+                elif not warned:
+                    warned = True
+                    # No way to ask (no backend-request channel, or an ASID a MISS
+                    # cannot name): the front-end may still map it on its own.
+                    log.warning(
+                        "queue %d: waiting for the front-end to map iova %#x (asid %d); "
+                        "no miss can be sent for it", self.queue.index, miss.iova, miss.asid,
                     )
                 with iotlb.changed:
                     iotlb.changed.wait_for(
@@ -192,6 +198,7 @@ class QueueWorker:
                     raise QueueCorrupted(
                         f"queue {self.queue.index}: the front-end never mapped iova "
                         f"{miss.iova:#x} (asid {miss.asid}) in {MISS_GIVE_UP_SECONDS:.0f} s"
+                        + ("" if asked else "; no miss could be sent for it")
                     )
         finally:
             self._waiting_on = None

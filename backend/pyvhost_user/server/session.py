@@ -52,6 +52,7 @@ from ..wire import (
     encode_message,
     reply,
     request,
+    request_name,
 )
 from .options import BackendOptions, IotlbPersist
 from .queue_worker import QueueWorker
@@ -683,7 +684,10 @@ class Session:
         Sent without NEED_REPLY: the answer that matters is the UPDATE on the
         main channel, which the worker waits for on the IOTLB itself.
         """
-        if asid != 0 and not self.extension_acked:
+        if asid != 0:
+            # The MISS message has no ASID field: a front-end could not tell which
+            # address space to answer for. Other ASIDs are mapped in advance, as
+            # vhost-vdpa front-ends do (the kernel sends no misses at all).
             return False
         with self._backend_channel_lock:
             channel = self._backend_channel
@@ -825,7 +829,4 @@ class Session:
 
 
 def _name(code: int) -> str:
-    try:
-        return R(code).name
-    except ValueError:
-        return f"REQUEST_{code}"
+    return request_name(code)
