@@ -479,6 +479,9 @@ def test_device_write_into_a_read_only_mapping_fails_with_ioerr(backend_factory,
                             status_gpa=status)
         assert got == VIRTIO_BLK_S_IOERR
         assert ram.read(page, PAGE_SIZE) == b"\xaa" * PAGE_SIZE
+        # The front-end is told, as an IOMMU fault would be reported (ACCESS_FAIL, WO).
+        fe.responder.wait_access_failures(1, timeout=10)
+        assert fe.responder.access_failures[0] == (iova, int(IotlbPerm.WO))
         # A write (the device reads the page): allowed.
         hdr, status = header(ram, VIRTIO_BLK_T_OUT, 40)
         _, got = driver.raw([(hdr, 16, False), (page, PAGE_SIZE, False), (status, 1, True)],

@@ -413,3 +413,40 @@ def test_no_stale_translation_after_resets(
     assert stale, (
         "no IOVA was remapped to another address after a reset in this run: the "
         "check did not exercise a stale translation (see the trace summary)\n" + trace.summary())
+
+
+@pytest.mark.timeout(200)
+def test_stale_translation_catcher_catches_a_backend_that_keeps_its_iotlb(
+        disk_image, backend_factory, machine_factory):
+    """Negative control for the test above: the same guest, but the back-end keeps its
+    IOTLB across device resets although stock QEMU never invalidates at a reset
+    (``--iotlb-persist always``, which the back-end warns about). The catcher must
+    see it: a read that differs from the host, a failed rebind, guest errors, or a
+    guest that never finishes. QEMU 10.0 only (the faster boot)."""
+    image = disk_image(16)
+    original = image.read()
+    write_mib = 4
+    backend = backend_factory(KIND, image, extra_args=("--iotlb-persist", "always"))
+    m = start_viommu_machine(machine_factory, "10.0", backend,
+                             steps=["md5parts", "rebind", "md5parts", "write"],
+                             write_mib=write_mib, reboot=True,
+                             append=["init_on_free=1", "iommu.strict=1"],
+                             guest_args={"pvu_hog_kib": 16384})
+    caught = []
+    try:
+        boots = m.wait_for_done(timeout=150, boots=2)
+    except MachineError as exc:
+        caught.append(f"guest did not finish: {str(exc).splitlines()[0]}")
+    else:
+        previous_write = None
+        for n, boot in enumerate(boots[:2]):
+            if boot.errors or boot.get("rebind") != "ok":
+                caught.append(f"boot {n}: guest errors {boot.errors} rebind={boot.get('rebind')}")
+            for k, v in expected_parts(original, write_mib, previous_write).items():
+                if boot.all.get(k) != [v, v]:
+                    caught.append(f"boot {n}: {k} read {boot.all.get(k)}, host has {v}")
+            previous_write = boot.get("write_md5")
+    m.kill()
+    assert "stale translations possible" in backend.log()
+    assert caught, "a back-end serving stale translations went unnoticed"
+    print(f"caught: {caught}")

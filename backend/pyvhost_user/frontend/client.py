@@ -1060,6 +1060,8 @@ class MissResponder:
         self.frontend = frontend
         self.misses: list[tuple[int, int, bool]] = []
         self.errors: list[str] = []
+        self.access_failures: list[tuple[int, int]] = []
+        self._access_fail_cond = threading.Condition()
         self.other_requests: list[str] = []
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="iotlb-miss-responder", daemon=True)
@@ -1110,6 +1112,16 @@ class MissResponder:
             except FrontendError as exc:
                 self.errors.append(f"answering {message}: {exc}")
 
+    def wait_access_failures(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` ACCESS_FAIL messages arrived (FrontendTimeout otherwise)."""
+        with self._access_fail_cond:
+            if not self._access_fail_cond.wait_for(
+                lambda: len(self.access_failures) >= count, timeout=timeout
+            ):
+                raise FrontendTimeout(
+                    f"{len(self.access_failures)} ACCESS_FAIL message(s), expected {count}"
+                )
+
     def _handle(self, message: Message) -> None:
         fe = self.frontend
         payload = message.payload
@@ -1124,6 +1136,18 @@ class MissResponder:
                 answered = fe.answer_miss(payload.iova, write=bool(payload.perm & IotlbPerm.WO))
             finally:
                 self.misses.append((payload.iova, int(payload.perm), answered))
+            fe.answer_backend(message, 0)
+            return
+        if (
+            message.request == BackendRequest.IOTLB_MSG
+            and isinstance(payload, IotlbMsg)
+            and payload.type == IotlbType.ACCESS_FAIL
+        ):
+            # QEMU only logs these; the model records them for tests.
+            fe.iotlb_counters["access_fail_received"] += 1
+            with self._access_fail_cond:
+                self.access_failures.append((payload.iova, int(payload.perm)))
+                self._access_fail_cond.notify_all()
             fe.answer_backend(message, 0)
             return
         self.other_requests.append(str(message))

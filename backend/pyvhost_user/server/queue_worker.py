@@ -49,6 +49,9 @@ class TranslationSource(Protocol):
     def send_miss(self, asid: int, iova: int, perm: int) -> bool:
         """Ask the front-end for a translation; False when there is no channel to ask on."""
 
+    def send_access_fail(self, asid: int, iova: int, perm: int) -> bool:
+        """Tell the front-end its IOTLB refused a device access."""
+
 
 class QueueWorker:
     def __init__(
@@ -158,6 +161,9 @@ class QueueWorker:
             if chain is None:
                 return
             used_len = self.device.process(queue.index, chain)
+            denied = chain.access_denied
+            if denied is not None and self._translations is not None:
+                self._translations.send_access_fail(denied.asid, denied.iova, denied.perm)
             queue.push_used(chain.head, used_len)
             self._unsignalled += 1
 

@@ -684,25 +684,34 @@ class Session:
         Sent without NEED_REPLY: the answer that matters is the UPDATE on the
         main channel, which the worker waits for on the IOTLB itself.
         """
+        sent = self._send_iotlb_event(IotlbType.MISS, asid, iova, perm)
+        if sent:
+            self.counters["iotlb_misses_sent"] += 1
+        return sent
+
+    def send_access_fail(self, asid: int, iova: int, perm: int) -> bool:
+        """Tell the front-end a device access was refused by its IOTLB (ACCESS_FAIL)."""
+        return self._send_iotlb_event(IotlbType.ACCESS_FAIL, asid, iova, perm)
+
+    def _send_iotlb_event(self, kind: IotlbType, asid: int, iova: int, perm: int) -> bool:
         if asid != 0:
-            # The MISS message has no ASID field: a front-end could not tell which
-            # address space to answer for. Other ASIDs are mapped in advance, as
+            # The message has no ASID field: a front-end could not tell which
+            # address space it is about. Other ASIDs are mapped in advance, as
             # vhost-vdpa front-ends do (the kernel sends no misses at all).
             return False
         with self._backend_channel_lock:
             channel = self._backend_channel
             if channel is None:
                 return False
-            msg = IotlbMsg(iova, 0, 0, IotlbPerm(perm), IotlbType.MISS)
+            msg = IotlbMsg(iova, 0, 0, IotlbPerm(perm), kind)
             data, _ = encode_message(
                 request(BackendRequest.IOTLB_MSG, msg, backend_channel=True)
             )
             try:
                 channel.sendall(data)
             except OSError as exc:
-                log.error("cannot send an IOTLB miss to the front-end: %s", exc)
+                log.error("cannot send an IOTLB %s to the front-end: %s", kind.name, exc)
                 return False
-            self.counters["iotlb_misses_sent"] += 1
         return True
 
     def _apply_iotlb(self, code: int, asid: int, msg: IotlbMsg) -> None:
