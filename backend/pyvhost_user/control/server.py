@@ -35,7 +35,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import struct
 import threading
 import time
@@ -57,6 +56,7 @@ from .commands import (
     execute,
     internal_error,
 )
+from ..unix_socket import listen_unix
 from .target import ControlTarget, Event
 
 log = logging.getLogger("pyvhost_user.control")
@@ -66,7 +66,6 @@ DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
 DEFAULT_MAX_PENDING_EVENTS = 10_000
 RECV_BYTES = 65536
 _UCRED = struct.Struct("3i")  # pid, uid, gid (SO_PEERCRED)
-_SUN_PATH_MAX = 107
 
 
 @dataclass(eq=False)
@@ -196,51 +195,9 @@ class ControlServer:
 
     # -- the socket file ------------------------------------------------------------
     def _listen(self, path: str, mode: int) -> socket.socket:
-        if not path:
-            raise ValueError("empty control socket path")
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                log.info("control: removing stale socket %s", path)
-                os.unlink(path)
-            else:
-                raise ValueError(f"{path} is in use by another process")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        if len(os.fsencode(staging)) > _SUN_PATH_MAX:
-            staging = path  # bind in place when the temporary name would not fit
-        old_umask = os.umask(0o177)  # never exists with wider permissions, even briefly
-        try:
-            sock.bind(staging)
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        try:
-            os.chmod(staging, mode)
-            sock.listen(8)
-            sock.setblocking(False)
-            if staging != path:
-                os.rename(staging, path)
-            st = os.lstat(path)
-        except OSError:
-            sock.close()
-            try:
-                os.unlink(staging)
-            except OSError:
-                pass
-            raise
+        sock = listen_unix(path, mode=mode, backlog=8)
+        sock.setblocking(False)
+        st = os.lstat(path)
         self._socket_id = (st.st_dev, st.st_ino)
         return sock
 

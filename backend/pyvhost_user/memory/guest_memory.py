@@ -216,3 +216,15 @@ class GuestMemory:
 
 def _overlaps(a: int, a_len: int, b: int, b_len: int) -> bool:
     return a < b + b_len and b < a + a_len
+
+
+def views_after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """The views that remain after the first ``skip`` bytes of ``views`` (no copy)."""
+    out: list[memoryview] = []
+    for view in views:
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        out.append(view[skip:] if skip else view)
+        skip = 0
+    return out

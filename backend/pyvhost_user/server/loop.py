@@ -16,13 +16,13 @@ import os
 import select
 import signal
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..devices.base import Device
+from ..unix_socket import listen_unix
 from ..wire import (
     NEED_DATA,
     FramingError,
@@ -115,42 +115,7 @@ class BackendServer:
             self._inherited_connection = None if listening else sock
 
     def _listen(self, path: str, mode: int) -> socket.socket:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ValueError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # a stale socket left by a dead process
-            else:
-                probe.close()
-                raise ValueError(f"{path} is in use by another process")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # Bind under a temporary name and rename once listening: the socket
-        # path appears only when a connect() to it can succeed, so whoever
-        # waits for the file (QEMU, libvirt, tests) never races the listen().
-        staging = f"{path}.{os.getpid()}.tmp"
-        if len(os.fsencode(staging)) > 107:  # sun_path limit: bind in place instead
-            staging = path
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(staging)
-        finally:
-            os.umask(old_umask)
-        try:
-            os.chmod(staging, mode)
-            sock.listen(4)
-            if staging != path:
-                os.rename(staging, path)
-        except OSError:
-            sock.close()
-            os.unlink(staging)
-            raise
+        sock = listen_unix(path, mode=mode, backlog=4)
         self._owns_socket_file = True
         return sock
 

@@ -15,6 +15,7 @@ import stat
 import struct
 from typing import Final
 
+from ...memory.guest_memory import views_after
 from ..base import DeviceError
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -61,13 +62,13 @@ class Image:
             done = os.preadv(self.fd, views, offset)
             if done == 0:
                 raise OSError(errno.EIO, f"image ends before offset {offset}")
-            views = _advance(views, done)
+            views = views_after(views, done)
             offset += done
 
     def write_from(self, views: list[memoryview], offset: int) -> None:
         while views:
             done = os.pwritev(self.fd, views, offset)
-            views = _advance(views, done)
+            views = views_after(views, done)
             offset += done
 
     def flush(self) -> None:
@@ -110,13 +111,3 @@ class Image:
             os.close(self.fd)
             self.fd = -1
 
-
-def _advance(views: list[memoryview], done: int) -> list[memoryview]:
-    out: list[memoryview] = []
-    for view in views:
-        if done >= len(view):
-            done -= len(view)
-            continue
-        out.append(view[done:] if done else view)
-        done = 0
-    return out

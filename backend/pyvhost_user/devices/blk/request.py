@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from ...memory.guest_memory import views_after
 from ...virtqueue.chain import DescriptorChain
 from ..base import DeviceError
 from .constants import SECTOR_SHIFT, SECTOR_SIZE, BlkRequestType, BlkStatus
@@ -86,18 +87,6 @@ def _gather(views: list[memoryview], length: int) -> bytes:
     return bytes(out)
 
 
-def _skip(views: list[memoryview], length: int) -> list[memoryview]:
-    """The views after the first ``length`` bytes."""
-    out: list[memoryview] = []
-    for view in views:
-        if length >= len(view):
-            length -= len(view)
-            continue
-        out.append(view[length:] if length else view)
-        length = 0
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class BlkLimits:
     capacity_sectors: int
@@ -116,7 +105,7 @@ def parse_request(chain: DescriptorChain, limits: BlkLimits) -> BlkRequest:
     if chain.readable_len < HEADER.size:
         raise BlkRequestError(f"request header is {chain.readable_len} bytes, needs 16")
     kind_code, _reserved, sector = HEADER.unpack(_gather(chain.readable, HEADER.size))
-    data_out = _skip(chain.readable, HEADER.size)
+    data_out = views_after(chain.readable, HEADER.size)
     out_len = chain.readable_len - HEADER.size
     in_len = chain.writable_len - 1
     try:
