@@ -22,6 +22,7 @@ list insertion would move the whole table on every UPDATE.
 from __future__ import annotations
 
 import enum
+import queue
 import threading
 from dataclasses import dataclass
 
@@ -76,6 +77,28 @@ class IotlbEntry:
     @property
     def last(self) -> int:
         return self.iova + self.size - 1
+
+
+_reaper_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+_reaper_started = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+def _retire(table: object) -> None:
+    """Drop ``table`` on a background thread: deallocating it is O(n) and must not
+    make reset_map (or a persistent reset) cost time in the mapped size."""
+    global _reaper
+    with _reaper_started:
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap_forever, name="iotlb-reaper", daemon=True)
+            _reaper.start()
+    _reaper_queue.put(table)
+
+
+def _reap_forever() -> None:
+    while True:
+        table = _reaper_queue.get()
+        del table
 
 
 def _new_table() -> SortedKeyList:
@@ -183,7 +206,8 @@ class Iotlb:
     def reset_map(self) -> None:
         """Back to the default state, in O(1) whatever is mapped (the seed's .reset_map)."""
         with self._lock:
-            self._entries = _new_table()  # O(1): the old table is simply dropped
+            old, self._entries = self._entries, _new_table()
+            _retire(old)  # O(1) here: freeing a million entries is the reaper's work
             self.mapped_bytes = 0
             self.passthrough = self.default is DefaultMapping.IDENTITY
             self._changed(touch=False)  # back at its default: nothing left to undo
