@@ -296,7 +296,10 @@ class BackendServer:
 
     def _send(self, conn: socket.socket, message: Message) -> None:
         trace.debug("-> %s", message)
-        send_message(conn, message)
+        try:
+            send_message(conn, message)
+        finally:
+            message.close_fds()  # ours to give: the kernel gave the peer its own copies
 
     def close(self) -> None:
         if self.listener is not None:

@@ -28,11 +28,13 @@ from ..memory import BadMemoryRegion, DirectSpace, GuestMemory, map_region
 from ..memory.address_spaces import AddressSpaces
 from ..memory.iotlb import DefaultMapping, Iotlb, IotlbError, IotlbSpace
 from ..virtqueue import InvalidQueueConfig, QueueConfig, SplitQueue, signal_eventfd
+from ..virtqueue.inflight import InflightQueue, InflightRegion
 from ..wire import (
     U64,
     AsidIotlbMsg,
     BackendRequest,
     ConfigSpace,
+    InflightDescription,
     IotlbMsg,
     IotlbPerm,
     IotlbType,
@@ -77,6 +79,7 @@ PROTOCOL_FEATURES = int(
     | PF.RESET_DEVICE
     | PF.CONFIGURE_MEM_SLOTS
     | PF.STATUS
+    | PF.INFLIGHT_SHMFD
     | VPF.ADDRESS_SPACES
     | VPF.IOTLB_PERSIST
 )
@@ -187,6 +190,7 @@ class Session:
             self.memory, [DefaultMapping.EMPTY] * self.options.num_asids, device.num_groups
         )
         self._batch: list[tuple[int, IotlbMsg]] | None = None
+        self.inflight: InflightRegion | None = None
         self._backend_channel: socket.socket | None = None
         self._backend_channel_lock = threading.Lock()
         self.offered_features = TRANSPORT_FEATURES | device.device_features
@@ -235,6 +239,8 @@ class Session:
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
             R.IOTLB_MSG: self._iotlb_msg,
+            R.GET_INFLIGHT_FD: self._get_inflight_fd,
+            R.SET_INFLIGHT_FD: self._set_inflight_fd,
             VR.GET_NUM_ASIDS: self._get_num_asids,
             VR.GET_VRING_GROUP: self._get_vring_group,
             VR.SET_GROUP_ASID: self._set_group_asid,
@@ -519,6 +525,7 @@ class Session:
             raise InvalidQueueConfig(f"queue {c.index}: size or addresses not set")
         if not self.acked_features & VF.VHOST_USER_F_PROTOCOL_FEATURES:
             c.enabled = True  # without protocol features rings start enabled
+        inflight = self._inflight_queue(c.index, c.size)
         if self.access_platform:
             # Ring and buffer addresses are IOVAs of the ring's group's ASID;
             # rings are translated by the worker, which can wait for a miss.
@@ -529,6 +536,7 @@ class Session:
                 event_idx=bool(self.acked_features & VF.EVENT_IDX),
                 indirect=bool(self.acked_features & VF.INDIRECT_DESC),
                 eager=False,
+                inflight=inflight,
             )
         else:
             queue = SplitQueue(
@@ -537,7 +545,13 @@ class Session:
                 DirectSpace(self.memory, "gpa"),
                 event_idx=bool(self.acked_features & VF.EVENT_IDX),
                 indirect=bool(self.acked_features & VF.INDIRECT_DESC),
+                eager=False,
+                inflight=inflight,
             )
+            queue.ensure_rings()  # refuse the kick now if the rings are not in memory
+        if queue.resubmit:
+            log.warning("ring %d: resubmitting %d request(s) a previous back-end left in flight: "
+                        "heads %s", c.index, len(queue.resubmit), list(queue.resubmit))
         ring.broken_reason = None
         c.broken = False
         ring.worker = QueueWorker(
@@ -667,12 +681,56 @@ class Session:
                 self._backend_channel.close()
                 self._backend_channel = None
                 self.backend_channel_fd = None
+        self.inflight = None  # the front-end keeps the fd; a next back-end gets it back
         touched = self.asids.reset_touched()
         if touched:
             log.info("front-end gone: ASIDs %s it changed are back to their defaults", touched)
             self._emit("RESET_MAP", {"asids": touched, "cause": "front-end disconnected"})
         self.memory.clear()
         self.device.reset()
+
+    # -- inflight tracking (survives a back-end crash) --------------------------------
+    def _inflight_queue(self, index: int, size: int) -> InflightQueue | None:
+        if self.inflight is None:
+            return None
+        if index >= self.inflight.num_queues or size != self.inflight.queue_size:
+            log.warning("ring %d (size %d) is not covered by the inflight buffer (%d queues of %d)",
+                        index, size, self.inflight.num_queues, self.inflight.queue_size)
+            return None
+        return self.inflight.queues[index]
+
+    def _get_inflight_fd(self, m: Message) -> Message:
+        p = m.payload
+        assert isinstance(p, InflightDescription)
+        if not 0 < p.num_queues <= len(self.rings):
+            raise Refused(m.request, f"inflight for {p.num_queues} queues; the device has {len(self.rings)}")
+        if not 0 < p.queue_size <= MAX_QUEUE_SIZE or p.queue_size & (p.queue_size - 1):
+            raise Refused(m.request, f"inflight queue size {p.queue_size} is not a power of 2")
+        region, fd = InflightRegion.allocate(p.num_queues, p.queue_size)
+        self.inflight = region
+        log.info("inflight buffer: %d bytes for %d queue(s) of %d", region.mmap_size,
+                 p.num_queues, p.queue_size)
+        return reply(m.request, InflightDescription(region.mmap_size, 0, p.num_queues, p.queue_size),
+                     fds=[fd])
+
+    def _set_inflight_fd(self, m: Message) -> None:
+        p = m.payload
+        assert isinstance(p, InflightDescription)
+        try:
+            if not 0 < p.num_queues <= len(self.rings):
+                raise InvalidQueueConfig(f"{p.num_queues} queues; the device has {len(self.rings)}")
+            region = InflightRegion(m.fds[0], p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
+        except InvalidQueueConfig as exc:
+            raise Refused(m.request, str(exc)) from None
+        finally:
+            m.close_fds()
+        self.inflight = region
+        in_flight = sum(
+            1 for q in region.queues if q.initialized
+            for i in range(q.queue_size) if q.view[16 + 16 * i]
+        )
+        log.info("inflight buffer set: %d queue(s) of %d, %d request(s) recorded in flight",
+                 p.num_queues, p.queue_size, in_flight)
 
     # -- IOTLB ---------------------------------------------------------------------
     def iotlb(self, asid: int) -> Iotlb:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -30,6 +31,7 @@ from ..memory.errors import GuestMemoryError
 from ..memory.iotlb import IotlbMiss
 from .chain import DESC_SIZE, DescriptorChain, walk_chain
 from .errors import InvalidQueueConfig, QueueCorrupted
+from .inflight import InflightQueue
 
 USED_ELEM: Final = struct.Struct("<II")
 MAX_QUEUE_SIZE: Final = 32768
@@ -91,6 +93,7 @@ class SplitQueue:
         event_idx: bool,
         indirect: bool,
         eager: bool = True,
+        inflight: InflightQueue | None = None,
     ) -> None:
         size = config.size
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
@@ -117,6 +120,9 @@ class SplitQueue:
         )
         self.last_avail_idx = config.base & 0xFFFF
         self.used_idx = 0
+        self.inflight = inflight
+        self._inflight_counter = 1
+        self.resubmit: deque[int] = deque()  # heads a dead back-end took and never completed
         self._ring_generation: int | None = None
         if eager:
             self.ensure_rings()
@@ -147,14 +153,33 @@ class SplitQueue:
             self.used_idx = self.used16[1]
             self._signalled_used = self.used_idx
             self._signalled_valid = False
+            if self.inflight is not None:
+                self._recover_inflight()
         self._ring_generation = generation
+
+    def _recover_inflight(self) -> None:
+        assert self.inflight is not None
+        if not self.inflight.initialized:
+            self.inflight.initialize()
+            return
+        pending = self.inflight.recover(self.used_idx)
+        if not pending:
+            return
+        # What the dead back-end took is exactly avail[used .. used + in flight]
+        # (it popped in order); QEMU restarts the ring at the used index, so skip
+        # those slots and serve the heads from the record, in the order taken.
+        self.resubmit.extend(head for _counter, head in pending)
+        self._inflight_counter = pending[-1][0] + 1
+        self.last_avail_idx = (self.used_idx + len(pending)) & 0xFFFF
 
     # -- driver -> device ----------------------------------------------------
     def avail_idx(self) -> int:
         return self.avail16[1]
 
     def pending(self) -> int:
-        """How many chains the driver made available that we have not popped."""
+        """How many chains wait: resubmissions, then what the driver made available."""
+        if self.resubmit:
+            return len(self.resubmit)
         pending = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise QueueCorrupted(
@@ -164,6 +189,12 @@ class SplitQueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None. Raises ``BadChain``/``QueueCorrupted``."""
+        if self.resubmit:
+            head = self.resubmit[0]
+            chain = walk_chain(head, self.desc_table, self.size, self.buffers,
+                               indirect_allowed=self.indirect)
+            self.resubmit.popleft()
+            return chain
         if not self.pending():
             return None
         slot = self.last_avail_idx % self.size
@@ -172,13 +203,17 @@ class SplitQueue:
             raise QueueCorrupted(f"queue {self.index}: avail ring names head {head} >= {self.size}")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         try:
-            return walk_chain(
+            chain = walk_chain(
                 head,
                 self.desc_table,
                 self.size,
                 self.buffers,
                 indirect_allowed=self.indirect,
             )
+            if self.inflight is not None:
+                self.inflight.mark_taken(head, self._inflight_counter)
+                self._inflight_counter += 1
+            return chain
         except IotlbMiss:
             # Not consumed: the chain is walked again once the translation arrives
             # (or by whoever restarts the ring from the base we report).
@@ -193,9 +228,13 @@ class SplitQueue:
     # -- device -> driver ----------------------------------------------------
     def push_used(self, head: int, length: int) -> None:
         slot = self.used_idx % self.size
+        if self.inflight is not None:
+            self.inflight.mark_used_before_publish(head)
         USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)  # published below
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.used16[1] = self.used_idx
+        if self.inflight is not None:
+            self.inflight.mark_used_after_publish(head, self.used_idx)
 
     def needs_notification(self) -> bool:
         """Whether the driver asked to be interrupted for what was pushed since last time."""
