@@ -109,3 +109,31 @@ def test_inherited_connected_fd_serves_that_front_end_then_exits(tmp_path):
     driver.close()
     _, err = process.communicate(timeout=30)  # the only front-end left: the program ends
     assert process.returncode == 0, err
+
+
+def test_socket_is_private_by_default_and_can_be_given_to_a_group(tmp_path):
+    import grp
+    import stat as stat_module
+
+    from pyvhost_user.launch.backends import start_backend
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    private = start_backend("pyvhost", image, tmp_path / "p.sock")
+    shared = start_backend("pyvhost", image, tmp_path / "g.sock",
+                           extra_args=("--socket-mode", "660", "--socket-group", "root"))
+    try:
+        assert stat_module.S_IMODE(os.stat(private.socket_path).st_mode) == 0o600
+        st = os.stat(shared.socket_path)
+        assert stat_module.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == grp.getgrnam("root").gr_gid
+    finally:
+        assert private.stop() == 0 and shared.stop() == 0
+
+
+def test_unknown_socket_group_is_refused(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    result = run("--socket-path", str(tmp_path / "s.sock"), "--image", str(image),
+                 "--socket-group", "no-such-group-pvu")
+    assert result.returncode == 1 and "does not exist" in result.stderr

@@ -9,6 +9,7 @@ when a connect() to it can succeed, and never with wider permissions.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket
@@ -20,8 +21,20 @@ log = logging.getLogger(__name__)
 SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, without the final NUL
 
 
-def listen_unix(path: str, *, mode: int = 0o600, backlog: int = 4) -> socket.socket:
-    """A listening socket at ``path``; raises ``ValueError`` or ``OSError``."""
+def listen_unix(
+    path: str, *, mode: int = 0o600, backlog: int = 4, group: str | None = None
+) -> socket.socket:
+    """A listening socket at ``path``; raises ``ValueError`` or ``OSError``.
+
+    ``group``: give the socket to this group (then ``mode`` 0660 lets its members
+    connect, e.g. a QEMU that runs as another user).
+    """
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"group {group!r} does not exist") from None
     if not path:
         raise ValueError("empty socket path")
     try:
@@ -54,6 +67,8 @@ def listen_unix(path: str, *, mode: int = 0o600, backlog: int = 4) -> socket.soc
     finally:
         os.umask(old_umask)
     try:
+        if gid != -1:
+            os.chown(staging, -1, gid)
         os.chmod(staging, mode)
         sock.listen(backlog)
         if staging != path:

@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
-        help="permissions of the socket file (default 600)",
+        help="permissions of the socket file (default 600: only this user may connect)",
+    )
+    p.add_argument(
+        "--socket-group", metavar="GROUP",
+        help="give the socket file to GROUP (with --socket-mode 660 its members may connect)",
     )
     return p
 
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = BackendServer(
             device, socket_path=args.socket_path, fd=args.fd, socket_mode=args.socket_mode,
-            options=options,
+            socket_group=args.socket_group, options=options,
         )
     except (OSError, ValueError) as exc:
         print(f"vhost-user-blk: cannot listen: {exc}", file=sys.stderr)

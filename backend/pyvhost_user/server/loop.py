@@ -83,6 +83,7 @@ class BackendServer:
         socket_path: str | None = None,
         fd: int | None = None,
         socket_mode: int = 0o600,
+        socket_group: str | None = None,
         on_listening: Callable[[], None] | None = None,
         options: BackendOptions | None = None,
     ) -> None:
@@ -103,7 +104,7 @@ class BackendServer:
         self.session: Session | None = None
         self._owns_socket_file = False
         if socket_path is not None:
-            self.listener: socket.socket | None = self._listen(socket_path, socket_mode)
+            self.listener: socket.socket | None = self._listen(socket_path, socket_mode, socket_group)
             self._inherited_connection: socket.socket | None = None
         else:
             assert fd is not None
@@ -114,8 +115,8 @@ class BackendServer:
             self.listener = sock if listening else None
             self._inherited_connection = None if listening else sock
 
-    def _listen(self, path: str, mode: int) -> socket.socket:
-        sock = listen_unix(path, mode=mode, backlog=4)
+    def _listen(self, path: str, mode: int, group: str | None) -> socket.socket:
+        sock = listen_unix(path, mode=mode, backlog=4, group=group)
         self._owns_socket_file = True
         return sock
 
