@@ -17,7 +17,7 @@ import pytest
 
 from pyvhost_user.frontend import BlkDriver, BlkRequest, Frontend
 from pyvhost_user.frontend.blk import SECTOR_SIZE
-from pyvhost_user.frontend.errors import BackendClosed, BackendRefused, FrontendTimeout
+from pyvhost_user.frontend.errors import BackendClosed, FrontendTimeout
 from pyvhost_user.frontend.split_ring import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvhost_user.wire import FrontendRequest as F
 

@@ -15,7 +15,6 @@ not send it again after a guest reboot.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -50,7 +49,6 @@ from ..wire import (
     VringFile,
     VringState,
     ack,
-    close_all,
     encode_message,
     reply,
     request,

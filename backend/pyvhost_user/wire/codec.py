@@ -44,7 +44,6 @@ from .messages import (
     InflightDescription,
     IotlbMsg,
     LogDescription,
-    MemRegion,
     MemTable,
     Payload,
     PayloadSizeError,
