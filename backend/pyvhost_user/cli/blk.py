@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from ..devices.base import DeviceError
@@ -24,6 +25,27 @@ from ..server.options import BackendOptions, IotlbPersist
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
 log = logging.getLogger("pyvhost_user")
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM handlers installed before anything else is set up."""
+
+    def __init__(self) -> None:
+        self.server: BackendServer | None = None
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def attach(self, server: BackendServer) -> None:
+        self.server = server
+        if self.requested:
+            server.request_stop()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.requested = True
+        if self.server is not None:
+            self.server.request_stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             "--iotlb-persist always: device resets keep IOTLB entries even for a front-end "
             "that never invalidates them on reboot (stock QEMU): stale translations possible"
         )
+    # Signals first: a SIGTERM that comes while we set up still ends us cleanly.
+    stop = StopOnSignal()
+    # The control socket before the vhost-user one: once the vhost-user socket
+    # exists (what QEMU, libvirt and tests wait for), everything is ready.
+    target = BackendControl(None)
+    control = None
+    if args.control_socket:
+        try:
+            control = ControlServer(args.control_socket, target)
+            control.start()
+        except (OSError, ValueError) as exc:
+            print(f"vhost-user-blk: cannot open the control socket: {exc}", file=sys.stderr)
+            device.close()
+            return 1
+        log.info("control socket on %s", args.control_socket)
     try:
         server = BackendServer(
             device, socket_path=args.socket_path, fd=args.fd, socket_mode=args.socket_mode,
@@ -123,20 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (OSError, ValueError) as exc:
         print(f"vhost-user-blk: cannot listen: {exc}", file=sys.stderr)
+        if control is not None:
+            control.close()
         device.close()
         return 1
-    control = None
-    if args.control_socket:
-        try:
-            control = ControlServer(args.control_socket, BackendControl(server))
-            control.start()
-        except (OSError, ValueError) as exc:
-            print(f"vhost-user-blk: cannot open the control socket: {exc}", file=sys.stderr)
-            server.close()
-            device.close()
-            return 1
-        log.info("control socket on %s", args.control_socket)
-    server.install_signal_handlers()
+    target.server = server
+    stop.attach(server)
     log.info("serving %s", device.describe())
     try:
         server.serve_forever()

@@ -14,6 +14,7 @@ Dropping our reference instead lets the mapping go when the last view does.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class MappedRegion:
     mmap_offset: int
     _mapping: mmap.mmap = field(repr=False)
     _view: memoryview = field(repr=False)
+    host_address: int = 0  # where the region starts in this process (dirty logging)
 
     @property
     def gpa_end(self) -> int:
@@ -90,7 +92,8 @@ def map_region(
     except (OSError, ValueError, OverflowError) as exc:
         raise BadMemoryRegion(f"cannot map fd {fd}: {exc}") from None
     view = memoryview(mapping)[lead : lead + size]
-    return MappedRegion(guest_phys_addr, size, user_addr, mmap_offset, mapping, view)
+    host_address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return MappedRegion(guest_phys_addr, size, user_addr, mmap_offset, mapping, view, host_address)
 
 
 class GuestMemory:
@@ -203,6 +206,13 @@ class GuestMemory:
                 return memoryview(b"")
             raise UnmappedAddress(kind, addr, length, "range crosses a region boundary")
         return parts[0]
+
+    def gpa_of_host_address(self, address: int) -> int | None:
+        """The guest physical address of a byte of this process's mappings, if any."""
+        for region in self._by_gpa:
+            if region.host_address <= address < region.host_address + region.size:
+                return region.guest_phys_addr + (address - region.host_address)
+        return None
 
     def uva_to_gpa(self, user_addr: int) -> int:
         """The guest physical address of a front-end virtual address (for dirty logging)."""

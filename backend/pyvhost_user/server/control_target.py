@@ -18,8 +18,24 @@ from .session import Session
 
 
 class BackendControl:
-    def __init__(self, server: BackendServer) -> None:
-        self.server = server
+    """``server`` may be set after the control socket opened (it opens first)."""
+
+    def __init__(self, server: BackendServer | None) -> None:
+        self._server = server
+        self._early_listeners: list[Callable[[Event], None]] = []
+
+    @property
+    def server(self) -> BackendServer:
+        if self._server is None:
+            raise ControlError("the back-end is still starting")
+        return self._server
+
+    @server.setter
+    def server(self, server: BackendServer) -> None:
+        self._server = server
+        for listener in self._early_listeners:
+            server.subscribe(listener)
+        self._early_listeners.clear()
 
     def _session(self) -> Session:
         session = self.server.session
@@ -100,4 +116,14 @@ class BackendControl:
             return status
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
-        return self.server.subscribe(listener)
+        if self._server is None:  # the control socket opens before the back-end listens
+            self._early_listeners.append(listener)
+
+            def unsubscribe_later() -> None:
+                if listener in self._early_listeners:
+                    self._early_listeners.remove(listener)
+                elif self._server is not None:
+                    self._server.unsubscribe(listener)
+
+            return unsubscribe_later
+        return self._server.subscribe(listener)

@@ -277,12 +277,12 @@ class BackendServer:
         with self._listeners_lock:
             self._listeners.append(listener)
 
-        def unsubscribe() -> None:
-            with self._listeners_lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
+        return lambda: self.unsubscribe(listener)
 
-        return unsubscribe
+    def unsubscribe(self, listener: EventListener) -> None:
+        with self._listeners_lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         """Called from any thread; listeners must not block."""

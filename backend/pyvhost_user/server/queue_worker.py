@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..devices.base import Device
+from ..memory.dirty_log import DirtyLog, buffer_address
+from ..memory.guest_memory import GuestMemory
 from ..memory.iotlb import Iotlb, IotlbMiss
 from ..virtqueue import (
     BadChain,
@@ -51,6 +53,12 @@ class TranslationSource(Protocol):
 
     def send_access_fail(self, asid: int, iova: int, perm: int) -> bool:
         """Tell the front-end its IOTLB refused a device access."""
+
+    def dirty_log(self) -> DirtyLog | None:
+        """The log to mark guest writes in, while the front-end asks for it (LOG_ALL)."""
+
+    @property
+    def memory(self) -> GuestMemory: ...
 
 
 class QueueWorker:
@@ -164,10 +172,28 @@ class QueueWorker:
             denied = chain.access_denied
             if denied is not None and self._translations is not None:
                 self._translations.send_access_fail(denied.asid, denied.iova, denied.perm)
+            if self._translations is not None:
+                log = self._translations.dirty_log()
+                if log is not None:
+                    self._log_writes(log, chain.writable)
             queue.push_used(chain.head, used_len)
             self._unsignalled += 1
 
     _unsignalled = 0
+
+    def _log_writes(self, log: DirtyLog, written: list[memoryview]) -> None:
+        """Mark every guest page this request may have written, and the used ring,
+        before the used index moves (migration reads the log after GET_VRING_BASE)."""
+        assert self._translations is not None
+        memory = self._translations.memory
+        for view in written:
+            gpa = memory.gpa_of_host_address(buffer_address(view))
+            if gpa is not None:
+                log.mark(gpa, len(view))
+        if self.config.log_used:
+            # log_guest_addr is the used ring's guest physical address (also behind
+            # an IOTLB); the whole ring is a page or two.
+            log.mark(self.config.log_guest_addr, 6 + 8 * self.queue.size)
 
     def _await_translation(self, miss: IotlbMiss) -> None:
         """Ask the front-end for ``miss`` and wait for the IOTLB to change (or a stop)."""

@@ -25,6 +25,7 @@ from typing import Any
 from ..devices.base import Device, DeviceError
 from ..memory import BadMemoryRegion, DirectSpace, GuestMemory, map_region
 from ..memory.address_spaces import AddressSpaces
+from ..memory.dirty_log import DirtyLog, DirtyLogError
 from ..memory.iotlb import DefaultMapping, Iotlb, IotlbError, IotlbSpace
 from ..virtqueue import InvalidQueueConfig, QueueConfig, SplitQueue, signal_eventfd
 from ..virtqueue.inflight import InflightQueue, InflightRegion
@@ -35,6 +36,7 @@ from ..wire import (
     ConfigSpace,
     InflightDescription,
     IotlbMsg,
+    LogDescription,
     IotlbPerm,
     IotlbType,
     VendorProtocolFeature as VPF,
@@ -64,6 +66,7 @@ MAX_QUEUE_SIZE = 1024
 
 TRANSPORT_FEATURES = int(
     VF.VERSION_1
+    | VF.VHOST_F_LOG_ALL
     | VF.INDIRECT_DESC
     | VF.EVENT_IDX
     | VF.VHOST_USER_F_PROTOCOL_FEATURES
@@ -78,6 +81,7 @@ PROTOCOL_FEATURES = int(
     | PF.CONFIGURE_MEM_SLOTS
     | PF.STATUS
     | PF.INFLIGHT_SHMFD
+    | PF.LOG_SHMFD
     | VPF.ADDRESS_SPACES
     | VPF.IOTLB_PERSIST
 )
@@ -189,6 +193,7 @@ class Session:
         )
         self._batch: list[tuple[int, IotlbMsg]] | None = None
         self.inflight: InflightRegion | None = None
+        self._dirty_log: DirtyLog | None = None
         self._backend_channel: socket.socket | None = None
         self._backend_channel_lock = threading.Lock()
         self.offered_features = TRANSPORT_FEATURES | device.device_features
@@ -237,6 +242,8 @@ class Session:
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
             R.IOTLB_MSG: self._iotlb_msg,
+            R.SET_LOG_BASE: self._set_log_base,
+            R.SET_LOG_FD: self._set_log_fd,
             R.GET_INFLIGHT_FD: self._get_inflight_fd,
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
             VR.GET_NUM_ASIDS: self._get_num_asids,
@@ -282,7 +289,8 @@ class Session:
                 f"{_name(code)} was refused and the front-end waits for its value: "
                 "closing the connection rather than answer with a made-up one"
             )
-        if message.need_reply:
+        if message.need_reply or code == R.SET_LOG_BASE:
+            # QEMU reads a reply to SET_LOG_BASE whether or not it asked for one.
             return [ack(code, False)]
         return []
 
@@ -446,9 +454,19 @@ class Session:
         a = m.payload
         assert isinstance(a, VringAddr)
         ring = self._ring(a.index)
-        if ring.started:
-            raise Refused(m.request, f"ring {a.index} is running")
         c = ring.config
+        if ring.started:
+            # QEMU turns used-ring logging on and off on running rings (migration);
+            # the ring itself must stay where it is.
+            if (c.desc_addr, c.used_addr, c.avail_addr) != (
+                a.desc_user_addr, a.used_user_addr, a.avail_user_addr
+            ):
+                raise Refused(m.request, f"ring {a.index} is running: its addresses cannot move")
+            c.log_guest_addr = a.log_guest_addr
+            c.log_used = bool(a.flags & 1)
+            log.info("ring %d: used-ring logging %s at gpa %#x", a.index,
+                     "on" if c.log_used else "off", a.log_guest_addr)
+            return
         c.desc_addr, c.used_addr, c.avail_addr = a.desc_user_addr, a.used_user_addr, a.avail_user_addr
         c.log_guest_addr = a.log_guest_addr
         c.log_used = bool(a.flags & 1)
@@ -680,12 +698,37 @@ class Session:
                 self._backend_channel = None
                 self.backend_channel_fd = None
         self.inflight = None  # the front-end keeps the fd; a next back-end gets it back
+        self._dirty_log = None
         touched = self.asids.reset_touched()
         if touched:
             log.info("front-end gone: ASIDs %s it changed are back to their defaults", touched)
             self._emit("RESET_MAP", {"asids": touched, "cause": "front-end disconnected"})
         self.memory.clear()
         self.device.reset()
+
+    # -- dirty logging (live migration) -------------------------------------------
+    def dirty_log(self) -> DirtyLog | None:
+        if self.acked_features & VF.VHOST_F_LOG_ALL:
+            return self._dirty_log
+        return None
+
+    def _set_log_base(self, m: Message) -> Message:
+        p = m.payload
+        assert isinstance(p, LogDescription)
+        try:
+            self._dirty_log = DirtyLog(m.fds[0], p.mmap_size, p.mmap_offset)
+        except DirtyLogError as exc:
+            raise Refused(m.request, str(exc)) from None
+        finally:
+            m.close_fds()
+        log.info("dirty log: %d bytes, covers %d MiB of guest memory",
+                 p.mmap_size, self._dirty_log.covered_bytes >> 20)
+        # QEMU waits for this reply with LOG_SHMFD although it sets no NEED_REPLY.
+        return reply(m.request, U64(0))
+
+    def _set_log_fd(self, m: Message) -> None:
+        # An eventfd to signal log changes: QEMU syncs the log on its own schedule.
+        m.close_fds()
 
     # -- inflight tracking (survives a back-end crash) --------------------------------
     def _inflight_queue(self, index: int, size: int) -> InflightQueue | None:
