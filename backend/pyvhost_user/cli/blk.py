@@ -38,6 +38,7 @@ class StopOnSignal:
 
     def attach(self, server: BackendServer) -> None:
         self.server = server
+        server.route_signals_to_wakeup()
         if self.requested:
             server.request_stop()
 

@@ -124,6 +124,18 @@ class BackendServer:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        self.route_signals_to_wakeup()
+
+    def route_signals_to_wakeup(self) -> None:
+        """Make a signal wake the main loop even when another thread receives it.
+
+        The kernel may deliver SIGTERM to any thread (a queue worker, the control
+        socket's); the main thread, blocked in poll(), would then sleep on and
+        the Python handler would not run. With the wake-up pipe as the signal
+        wake-up fd, the C-level handler writes to it and poll() returns. Main
+        thread only.
+        """
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -312,6 +324,11 @@ class BackendServer:
             except FileNotFoundError:
                 pass
             self._owns_socket_file = False
+        if threading.current_thread() is threading.main_thread():
+            try:
+                signal.set_wakeup_fd(-1)  # the pipe is about to close
+            except ValueError:
+                pass
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
