@@ -4,7 +4,8 @@
 # The host test chooses the work with kernel command-line words (no dots in
 # names: "a.b=c" is a module parameter):
 #   pvu_steps=queues,md5,write   steps to run, in this order (a step may repeat:
-#                                queues md5 md5parts write writefail rebind)
+#                                queues md5 md5parts write writefail rebind
+#                                seqwrite)
 #   pvu_disk=vda                 disk the steps work on (default vda)
 #   pvu_write_mib=8              offset in MiB of the 4 MiB "write"/"writefail" range
 #   pvu_reboot=1                 "reboot -f" after the steps (else "poweroff -f")
@@ -13,12 +14,18 @@
 #                                drivers load and at each "rebind", so that rings
 #                                and buffers land on other pages than in the last
 #                                boot or bind (vIOMMU tests: same IOVAs, new GPAs)
+#   pvu_seq_count=N              "seqwrite": records to write (default 256)
+#   pvu_seq_first=B              "seqwrite": 4 KiB block of record 0 (default 0)
+#   pvu_seq_jobs=P               "seqwrite": parallel writers (default 1)
+#   pvu_seq_load=1               "seqwrite": also keep O_DIRECT reads in flight
+#                                (after the records) while the writers run
 #
 # Everything the host parses is a marker line on the console (ttyS0):
 #   PVU-BOOT                     start of every boot
 #   PVU-RESULT name=value        one result
 #   PVU-ERROR text               something went wrong (the step result says which)
 #   PVU-DMESG text               kernel log tail, printed when a step failed
+#   PVU-ACK i                    "seqwrite": record i is written (its dd returned)
 #   PVU-DONE                     all steps finished (then poweroff or reboot)
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -45,6 +52,10 @@ WRITE_MIB=8
 REBOOT=0
 QUIET=1
 HOG_KIB=0
+SEQ_COUNT=256
+SEQ_FIRST=0
+SEQ_JOBS=1
+SEQ_LOAD=0
 for word in $(cat /proc/cmdline); do
     case "$word" in
         pvu_steps=*) STEPS=$(echo "${word#pvu_steps=}" | tr ',' ' ') ;;
@@ -53,6 +64,10 @@ for word in $(cat /proc/cmdline); do
         pvu_reboot=*) REBOOT=${word#pvu_reboot=} ;;
         pvu_quiet=*) QUIET=${word#pvu_quiet=} ;;
         pvu_hog_kib=*) HOG_KIB=${word#pvu_hog_kib=} ;;
+        pvu_seq_count=*) SEQ_COUNT=${word#pvu_seq_count=} ;;
+        pvu_seq_first=*) SEQ_FIRST=${word#pvu_seq_first=} ;;
+        pvu_seq_jobs=*) SEQ_JOBS=${word#pvu_seq_jobs=} ;;
+        pvu_seq_load=*) SEQ_LOAD=${word#pvu_seq_load=} ;;
     esac
 done
 DEV=/dev/$DISK
@@ -209,11 +224,112 @@ step_writefail() {
     rm -f /tmp/wdata
 }
 
+# ---- seqwrite: sequence-numbered records, verifiable from guest and host ------
+# Record i is the 4 KiB block SEQ_FIRST + i: 256 lines of 16 bytes,
+# "R%08d.L%03d.\n" (record number, line number), so every 512-byte sector
+# names the record and the place it belongs to (the host side is
+# pyvhost_user.launch.seqwrite). Writer j of SEQ_JOBS writes records j,
+# j + SEQ_JOBS, ... one O_DIRECT dd each and prints "PVU-ACK i" once that dd
+# returned. A dd blocks for as long as the back-end is away (QEMU reconnects);
+# nothing here has a timeout. Then everything is read back and compared.
+seq_template() {
+    awk 'BEGIN { for (l = 0; l < 256; l++) printf "R########.L%03d.\n", l }' > /tmp/seqtpl
+}
+
+seq_writer() {
+    i=$1
+    while [ "$i" -lt "$SEQ_COUNT" ]; do
+        n=$((100000000 + i))
+        sed "s/########/${n#1}/" /tmp/seqtpl > /tmp/seqrec.$1
+        if dd if=/tmp/seqrec.$1 of="$DEV" bs=4096 seek=$((SEQ_FIRST + i)) count=1 \
+                oflag=direct conv=notrunc 2>/tmp/seqdd.$1; then
+            echo "PVU-ACK $i"
+        else
+            echo "PVU-ERROR seqwrite: record $i: dd failed: $(tr '\n' ' ' </tmp/seqdd.$1)"
+            echo "$i" >> /tmp/seqfail
+        fi
+        i=$((i + SEQ_JOBS))
+    done
+}
+
+# O_DIRECT reads of 1 MiB after the records, again and again, until the
+# writers are done: the queue is rarely empty when the back-end goes away.
+seq_load() {
+    skip=$(( (SEQ_FIRST + SEQ_COUNT + 15) / 16 ))     # in 64 KiB blocks
+    while [ ! -e /tmp/seqdone ]; do
+        if ! dd if="$DEV" of=/dev/null bs=64k skip=$skip count=16 iflag=direct \
+                2>/tmp/seqload.err; then
+            echo "PVU-ERROR seqwrite: load read failed: $(tr '\n' ' ' </tmp/seqload.err)"
+            echo load >> /tmp/seqfail
+            return
+        fi
+    done
+}
+
+step_seqwrite() {
+    rm -f /tmp/seqfail /tmp/seqdone /tmp/seqback /tmp/seqwant
+    seq_template
+    load=""
+    if [ "$SEQ_LOAD" = 1 ]; then
+        seq_load &
+        load=$!
+    fi
+    pids=""
+    j=0
+    while [ "$j" -lt "$SEQ_JOBS" ]; do
+        seq_writer "$j" &
+        pids="$pids $!"
+        j=$((j + 1))
+    done
+    for p in $pids; do
+        wait "$p"
+    done
+    touch /tmp/seqdone
+    if [ -n "$load" ]; then
+        wait "$load"
+    fi
+    if [ -e /tmp/seqfail ]; then
+        error "seqwrite: failed: $(tr '\n' ' ' </tmp/seqfail)"
+        result seqwrite failed
+    else
+        result seqwrite ok
+    fi
+    # Read back, in one O_DIRECT pass, and compare with what was written.
+    if ! dd if="$DEV" of=/tmp/seqback bs=4096 skip="$SEQ_FIRST" count="$SEQ_COUNT" \
+            iflag=direct 2>/tmp/dd.err; then
+        error "seqwrite: read back failed: $(tr '\n' ' ' </tmp/dd.err)"
+        result seqwrite_verify failed
+        return
+    fi
+    size=$(wc -c </tmp/seqback)
+    if [ "$size" != $((SEQ_COUNT * 4096)) ]; then
+        error "seqwrite: read back $size bytes, not $((SEQ_COUNT * 4096))"
+        result seqwrite_verify failed
+        return
+    fi
+    sum=$(md5sum /tmp/seqback)
+    result seqwrite_md5 "${sum%% *}"
+    awk -v n="$SEQ_COUNT" 'BEGIN { for (i = 0; i < n; i++) for (l = 0; l < 256; l++)
+        printf "R%08d.L%03d.\n", i, l }' > /tmp/seqwant
+    # Bad blocks: how many, then up to 8 of them (record numbers).
+    bad=$(cmp -l /tmp/seqwant /tmp/seqback 2>/dev/null | awk '
+        { b = int(($1 - 1) / 4096); if (!(b in seen)) { seen[b] = 1; n++; if (n <= 8) l = l "," b } }
+        END { printf "%d%s", n, l }')
+    result seqwrite_bad "$bad"
+    if [ "$bad" = 0 ]; then
+        result seqwrite_verify ok
+    else
+        error "seqwrite: read back differs in blocks (count,first...) $bad"
+        result seqwrite_verify failed
+    fi
+    rm -f /tmp/seqback /tmp/seqwant
+}
+
 if [ -n "$STEPS" ]; then
     if wait_disk; then
         for step in $STEPS; do
             case "$step" in
-                queues|md5|md5parts|write|writefail|rebind) "step_$step" ;;
+                queues|md5|md5parts|write|writefail|rebind|seqwrite) "step_$step" ;;
                 *) error "unknown step $step" ;;
             esac
         done

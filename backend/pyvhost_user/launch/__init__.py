@@ -7,6 +7,9 @@ Used by tests and scripts; imports nothing else from pyvhost_user.
 - qemu_binaries: find_qemu("7.2" | "10.0"), cache_dir(), qemu_storage_daemon()
 - guest: guest_image(), kernel_args(), parse_results()
 - machine: Machine, VhostUserBlk
+- seqwrite: records of the guest's "seqwrite" step, its acks, image checks
+- backends: start_backend(), kill_backend(), restart_backend(), freeze_backend(),
+  thaw_backend(), frozen_busy()
 """
 
 from .guest import (

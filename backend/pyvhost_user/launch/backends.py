@@ -9,7 +9,9 @@ just before listening, and QEMU and our front-end retry a refused connect.
 from __future__ import annotations
 
 import os
+import platform
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ class BackendProcess:
     log_path: Path
     num_queues: int = 1
     read_only: bool = False
+    extra_args: tuple[str, ...] = ()
 
     def device(self, **options: object) -> VhostUserBlk:
         """The matching vhost-user-blk-pci device for a ``Machine``."""
@@ -122,7 +125,8 @@ def start_backend(
     )
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    backend = BackendProcess(kind, socket_path, image, process, log_path, num_queues, read_only)
+    backend = BackendProcess(kind, socket_path, image, process, log_path, num_queues, read_only,
+                             tuple(extra_args))
     deadline = time.monotonic() + timeout
     # Bounded poll for the socket: neither back-end has another readiness signal.
     while not socket_path.exists():
@@ -133,3 +137,89 @@ def start_backend(
             raise BackendError(f"{kind} back-end did not create {socket_path} in {timeout} s")
         time.sleep(SOCKET_POLL_INTERVAL)
     return backend
+
+
+def freeze_backend(backend: BackendProcess) -> None:
+    """SIGSTOP a back-end (by its pid): it holds whatever it was doing, its
+    socket stays open, and the guest's requests pile up in the rings."""
+    if backend.process.poll() is None:
+        backend.process.send_signal(signal.SIGSTOP)
+
+
+def thaw_backend(backend: BackendProcess) -> None:
+    """SIGCONT: a frozen back-end goes on."""
+    if backend.process.poll() is None:
+        backend.process.send_signal(signal.SIGCONT)
+
+
+# x86_64: what a thread of a back-end busy with a request is in: user mode (-1)
+# or the image I/O system calls (pread64, pwrite64, readv, writev, fsync,
+# fdatasync, preadv, pwritev, preadv2, pwritev2). Not a wait, and not write(2):
+# that is the call eventfd (or a log line) once a request is completed.
+_BUSY_SYSCALLS = frozenset({-1, 17, 18, 19, 20, 74, 75, 295, 296, 327, 328})
+
+
+def frozen_threads(backend: BackendProcess) -> dict[int, int] | None:
+    """For a frozen back-end: thread id -> the system call it stopped in (-1:
+    user mode). None while some thread has not stopped yet, or when the
+    process is gone."""
+    threads: dict[int, int] = {}
+    try:
+        for tid in os.listdir(f"/proc/{backend.pid}/task"):
+            base = f"/proc/{backend.pid}/task/{tid}"
+            with open(f"{base}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{base}/syscall") as f:
+                words = f.read().split()
+            if state not in ("T", "t") or not words or words[0] == "running":
+                return None
+            threads[int(tid)] = int(words[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return threads
+
+
+def frozen_busy(backend: BackendProcess) -> list[int] | None:
+    """For a frozen back-end: the system calls of the threads caught at work
+    on a request (-1: user mode; else preadv, pwritev, ...), empty when none
+    was. None when that cannot be told (see frozen_threads; not x86_64)."""
+    if platform.machine() != "x86_64":
+        return None
+    threads = frozen_threads(backend)
+    if threads is None:
+        return None
+    return sorted(nr for nr in threads.values() if nr in _BUSY_SYSCALLS)
+
+
+def kill_backend(backend: BackendProcess, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+    """Crash a back-end: ``sig`` (SIGKILL: no clean-up at all) to its pid, wait for
+    it, then remove the socket file a dead listener leaves behind, so that the
+    next back-end's socket is the one ``start_backend`` waits for. Its exit status."""
+    if backend.process.poll() is None:
+        backend.process.send_signal(sig)    # SIGKILL ends a stopped process too
+    code = backend.process.wait(timeout)
+    try:
+        st = os.lstat(backend.socket_path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISSOCK(st.st_mode):
+            backend.socket_path.unlink()
+    return code
+
+
+def restart_backend(
+    backend: BackendProcess,
+    *,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> BackendProcess:
+    """A new back-end like ``backend`` (kind, image, socket, options) once it has
+    exited (see kill_backend); ``log_path``: its own log (default: the old one,
+    overwritten)."""
+    if backend.process.poll() is None:
+        raise BackendError(f"{backend.kind} back-end (pid {backend.pid}) is still running")
+    return start_backend(
+        backend.kind, backend.image, backend.socket_path, read_only=backend.read_only,
+        num_queues=backend.num_queues, log_path=log_path or backend.log_path,
+        extra_args=backend.extra_args, timeout=timeout)

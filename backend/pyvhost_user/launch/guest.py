@@ -8,6 +8,7 @@ command-line words and prints marker lines on ttyS0::
     PVU-ERROR text           something went wrong
     PVU-DMESG text           kernel log tail (after a failed step)
     PVU-DONE                 all steps done (then poweroff, or reboot)
+    PVU-ACK i                step "seqwrite": record i written (see seqwrite.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ BUILDER_ENV = "PYVHOST_USER_GUEST_BUILDER"
 BUILDER_REL = Path("guest-images") / "build-guest.py"
 
 # Steps /init knows (pvu_steps=...).
-STEPS = ("queues", "md5", "md5parts", "write", "writefail", "rebind")
+STEPS = ("queues", "md5", "md5parts", "write", "writefail", "rebind", "seqwrite")
 
 
 class GuestImageError(RuntimeError):

@@ -541,6 +541,20 @@ class Machine:
             raise MachineTimeout(self.describe(
                 f"QMP {name} got no answer within {timeout} s")) from None
 
+    def read_phys_u16(self, gpa: int, count: int = 1, timeout: float = 10.0) -> list[int]:
+        """``count`` u16 of guest physical memory at ``gpa`` (HMP ``xp``), e.g.
+        a virtqueue's avail or used index."""
+        out = self.qmp_command("human-monitor-command", timeout=timeout,
+                               **{"command-line": f"xp /{int(count)}hx {int(gpa):#x}"})
+        values: list[int] = []
+        for line in str(out).splitlines():
+            _, colon, rest = line.partition(":")
+            if colon:
+                values += [int(v, 16) for v in rest.split()]
+        if len(values) != count:
+            raise MachineError(f"xp at {gpa:#x}: {count} values expected, got {out!r}")
+        return values
+
     def wait_for_event(self, name: str, timeout: float = 30.0, *, count: int = 1) -> dict:
         """Wait until ``count`` QMP events called ``name`` arrived; the last one."""
         deadline = time.monotonic() + timeout
