@@ -217,9 +217,7 @@ class BackendServer:
                         message = reader.next_message()
                     except MalformedMessage as exc:
                         log.error("malformed message refused: %s", exc)
-                        for answer in session.refuse_malformed(
-                            exc.request, bool(exc.flags & 0x8)
-                        ):
+                        for answer in session.refuse_malformed(exc.request, exc.flags):
                             self._send(conn, answer)
                         continue
                     if message is NEED_DATA:

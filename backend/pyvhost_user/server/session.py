@@ -15,6 +15,7 @@ not send it again after a guest reboot.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -141,6 +142,7 @@ HAS_REPLY = frozenset(
         R.GET_VRING_BASE,
         R.GET_CONFIG,
         R.GET_STATUS,
+        R.GET_INFLIGHT_FD,
         VR.GET_NUM_ASIDS,
         VR.GET_VRING_GROUP,
     }
@@ -289,17 +291,28 @@ class Session:
                 f"{_name(code)} was refused and the front-end waits for its value: "
                 "closing the connection rather than answer with a made-up one"
             )
-        if message.need_reply or code == R.SET_LOG_BASE:
-            # QEMU reads a reply to SET_LOG_BASE whether or not it asked for one.
+        if message.need_reply or self._reply_due_unasked(code):
             return [ack(code, False)]
         return []
 
-    def refuse_malformed(self, code: int, need_reply: bool) -> list[Message]:
+    def _reply_due_unasked(self, code: int) -> bool:
+        # With LOG_SHMFD, QEMU reads a reply to SET_LOG_BASE although it sets no
+        # NEED_REPLY; without it no reply is due, and a stray one would be taken
+        # as the answer to the next request.
+        return code == R.SET_LOG_BASE and bool(self.acked_protocol_features & PF.LOG_SHMFD)
+
+    def refuse_malformed(self, code: int, flags: int) -> list[Message]:
         """Answer a message the wire layer could not decode (its bytes were consumed)."""
         self.counters["refused"] += 1
+        if flags & 0x4:
+            # A reply where only requests can come: whatever the front-end thinks the
+            # conversation is, it is not this one. Answering could pair a nack with
+            # the wrong request; closing cannot.
+            raise Disconnect(f"the front-end sent a reply ({_name(code)}) nobody asked for")
         if code in HAS_REPLY or code == R.GET_CONFIG:
             raise Disconnect(f"malformed {_name(code)}: the front-end waits for a reply")
-        return [ack(code, False)] if need_reply else []
+        need_reply = bool(flags & 0x8)
+        return [ack(code, False)] if need_reply or self._reply_due_unasked(code) else []
 
     def _check_gates(self, message: Message) -> None:
         code = message.request
@@ -502,6 +515,7 @@ class Session:
         ring = self._ring(m.payload.index)
         if m.payload.no_fd:
             raise Refused(m.request, "polling mode (no kick fd) is not supported")
+        _require_eventfd(m.request, m.fds[0], "kick")
         was_running = ring.started
         self._stop_ring(ring)
         ring.config.replace_fd("kick_fd", m.fds[0])
@@ -509,18 +523,23 @@ class Session:
             self._start_ring(ring)
         except InvalidQueueConfig as exc:
             log.error("ring %d not started: %s", ring.config.index, exc)
+            ring.config.kick_fd = None  # the refusal closes the message's fd
             raise Refused(m.request, str(exc)) from None
         log.debug("ring %d %s", ring.config.index, "restarted" if was_running else "started")
 
     def _set_vring_call(self, m: Message) -> None:
         assert isinstance(m.payload, VringFile)
         ring = self._ring(m.payload.index)
+        if not m.payload.no_fd:
+            _require_eventfd(m.request, m.fds[0], "call")
         with ring.call_lock:  # the worker may be signalling the old one right now
             ring.config.replace_fd("call_fd", None if m.payload.no_fd else m.fds[0])
 
     def _set_vring_err(self, m: Message) -> None:
         assert isinstance(m.payload, VringFile)
         ring = self._ring(m.payload.index)
+        if not m.payload.no_fd:
+            _require_eventfd(m.request, m.fds[0], "error")
         with ring.call_lock:
             ring.config.replace_fd("err_fd", None if m.payload.no_fd else m.fds[0])
 
@@ -624,10 +643,17 @@ class Session:
             raise Refused(m.request, str(exc)) from None
 
     def _set_backend_req_fd(self, m: Message) -> None:
+        try:
+            channel = socket.socket(fileno=m.fds[0])
+        except OSError as exc:
+            raise Refused(m.request, f"the backend-request fd is not a socket: {exc.strerror}") from None
+        if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_STREAM:
+            channel.detach()  # the refusal closes the message's fd
+            raise Refused(m.request, "the backend-request fd is not a Unix stream socket")
         with self._backend_channel_lock:
             if self._backend_channel is not None:
                 self._backend_channel.close()
-            self._backend_channel = socket.socket(fileno=m.fds[0])
+            self._backend_channel = channel
             self.backend_channel_fd = m.fds[0]
 
     # -- device status and reset -------------------------------------------------
@@ -934,6 +960,17 @@ class Session:
             ],
             **self.counters,
         }
+
+
+def _require_eventfd(code: int, fd: int, what: str) -> None:
+    """Kick, call and error fds are eventfds: anything else (a file that is always
+    readable, a pipe's write end) would make the ring's worker spin or block."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise Refused(code, f"{what} fd {fd} cannot be inspected: {exc.strerror}") from None
+    if target != "anon_inode:[eventfd]":
+        raise Refused(code, f"{what} fd is not an eventfd ({target})")
 
 
 def _name(code: int) -> str:

@@ -115,7 +115,7 @@ class InflightRegion:
         try:
             self._mapping = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED,
                                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise InvalidQueueConfig(f"cannot map the inflight fd: {exc}") from None
         view = memoryview(self._mapping)
         self.num_queues = num_queues
