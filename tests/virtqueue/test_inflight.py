@@ -6,27 +6,12 @@ import os
 
 import pytest
 
-from pyvhost_user.frontend.guest_ram import GuestRam
 from pyvhost_user.frontend.split_ring import SplitRing
-from pyvhost_user.memory import DirectSpace, GuestMemory, map_region
+from pyvhost_user.memory import DirectSpace, GuestMemory
 from pyvhost_user.virtqueue import InvalidQueueConfig, QueueConfig, SplitQueue
 from pyvhost_user.virtqueue.inflight import InflightRegion, queue_region_size
 
 SIZE = 16
-
-
-@pytest.fixture
-def ram():
-    with GuestRam() as ram:
-        yield ram
-
-
-@pytest.fixture
-def memory(ram):
-    mem = GuestMemory()
-    for r in ram.regions:
-        mem.add(map_region(r.fd, r.gpa, r.size, r.user_addr, r.mmap_offset))
-    return mem
 
 
 @pytest.fixture

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pyvhost_user.frontend.guest_ram import GuestRam
 from pyvhost_user.frontend.split_ring import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     SplitRing,
 )
-from pyvhost_user.memory import DirectSpace, GuestMemory, map_region
+from pyvhost_user.memory import DirectSpace
 from pyvhost_user.virtqueue import BadChain, InvalidQueueConfig, QueueConfig, QueueCorrupted, SplitQueue
-
-
-@pytest.fixture
-def ram():
-    with GuestRam() as ram:
-        yield ram
-
-
-@pytest.fixture
-def memory(ram):
-    mem = GuestMemory()
-    for r in ram.regions:
-        mem.add(map_region(r.fd, r.gpa, r.size, r.user_addr, r.mmap_offset))
-    return mem
 
 
 def make_queue(ram, memory, size=8, *, event_idx=False, indirect=True, start_index=0):
