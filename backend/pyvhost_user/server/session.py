@@ -792,10 +792,7 @@ class Session:
         finally:
             m.close_fds()
         self.inflight = region
-        in_flight = sum(
-            1 for q in region.queues if q.initialized
-            for i in range(q.queue_size) if q.view[16 + 16 * i]
-        )
+        in_flight = sum(len(q.in_flight_heads()) for q in region.queues)
         log.info("inflight buffer set: %d queue(s) of %d, %d request(s) recorded in flight",
                  p.num_queues, p.queue_size, in_flight)
 

@@ -71,6 +71,12 @@ class InflightQueue:
         self.view[self._desc_offset(head)] = 0
         self.u16[7] = used_idx
 
+    def in_flight_heads(self) -> list[int]:
+        """Heads flagged in flight (before any recovery): what a crash left behind."""
+        if not self.initialized:
+            return []
+        return [i for i in range(self.queue_size) if self.view[self._desc_offset(i)]]
+
     def recover(self, ring_used_idx: int) -> list[tuple[int, int]]:
         """After a restart: the heads still in flight, as (counter, head) in pop order.
 
@@ -89,12 +95,10 @@ class InflightQueue:
             self.view[offset] = 0
             head = struct.unpack_from("<H", self.view, offset + 6)[0] % self.queue_size
         self.u16[7] = ring_used_idx
-        pending = []
-        for index in range(self.queue_size):
-            offset = self._desc_offset(index)
-            if self.view[offset]:
-                counter = struct.unpack_from("<Q", self.view, offset + 8)[0]
-                pending.append((counter, index))
+        pending = [
+            (struct.unpack_from("<Q", self.view, self._desc_offset(head) + 8)[0], head)
+            for head in self.in_flight_heads()
+        ]
         pending.sort()
         return pending
 
