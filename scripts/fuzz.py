@@ -69,13 +69,12 @@ class Failures:
 class MessageTarget:
     """A live back-end, restarted after a crash or a hang."""
 
-    def __init__(self, workdir: Path, log_level: str, allow_known_bugs: bool) -> None:
+    def __init__(self, workdir: Path, log_level: str) -> None:
         self.workdir = workdir
         self.image = workdir / "disk.img"
         self.image.write_bytes(os.urandom(IMAGE_BYTES))
         self.head = self.image.read_bytes()[:READ_BYTES]
         self.log_level = log_level
-        self.allow_known_bugs = allow_known_bugs
         self.refusals: collections.Counter[str] = collections.Counter()
         self.ends: collections.Counter[str] = collections.Counter()
         self.starts = 0
@@ -113,7 +112,6 @@ class MessageTarget:
         try:
             d = fuzzlib.RandomDraw(random.Random(f"{seed}:messages:{index}"))
             planner = fuzzlib.MessagePlanner(d, pool, *self.offers)
-            planner.allow_known_bugs = self.allow_known_bugs
             steps = planner.plan()
             fuzzlib.run_message_case(backend, steps, *self.offers)
         finally:
@@ -144,8 +142,6 @@ def main() -> int:
                         help="a fresh front-end reads and checks data every N message cases")
     parser.add_argument("--progress", type=float, default=10.0,
                         help="seconds between progress lines")
-    parser.add_argument("--allow-known-bugs", action="store_true",
-                        help="also generate the inputs of known, reported bugs (see tests/fuzz)")
     parser.add_argument("--replay", default=None, help="messages:N or chains:N: that case alone")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
@@ -168,7 +164,7 @@ def main() -> int:
         args.messages = 1 if kind == "messages" else 0
         args.chains = 1 if kind == "chains" else 0
 
-    messages = MessageTarget(workdir, "debug" if only else "info", args.allow_known_bugs) \
+    messages = MessageTarget(workdir, "debug" if only else "info") \
         if args.messages else None
     rig = fuzzlib.RingRig(workdir / "rig.img") if args.chains else None
     last_progress = started

@@ -12,10 +12,9 @@ cases. Two targets:
 * the descriptor walker and the blk device in-process (``RingRig``,
   ``run_chain_case``): random rings in memfd guest memory.
 
-A property violation raises ``Violation``; the callers count or fail. Plans
-leave out the inputs of bugs already reported (``without_known_bugs``; each
-has a strict-xfail reproducer in test_fuzz_control_channel.py) unless
-``MessagePlanner.allow_known_bugs`` is set.
+A property violation raises ``Violation``; the callers count or fail. The
+inputs of every bug the fuzzers found stay in the plans (each also has a
+reproducer in test_fuzz_control_channel.py), so a regression is found again.
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ from __future__ import annotations
 import array
 import collections
 import ctypes
+import fcntl
 import os
 import select
 import socket
-import stat
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +128,12 @@ def interesting_u64(d, near: Sequence[int] = ()) -> int:
 
 # -- fds the fuzzer attaches ---------------------------------------------------------------
 
-FD_KINDS = ("eventfd", "memfd", "memfd-empty", "pipe-r", "pipe-w", "devnull", "socket")
+FD_KINDS = ("eventfd", "memfd", "memfd-sealable", "memfd-qemu", "memfd-empty", "pipe-r",
+            "pipe-w", "devnull", "socket")
+# memfd: no seals possible (like a tmpfs or hugetlbfs file); memfd-sealable: made with
+# MFD_ALLOW_SEALING, which the back-end seals against shrinking when it maps it;
+# memfd-qemu: sealed GROW|SHRINK|SEAL, as QEMU's memory-backend-memfd sends them.
+SEALABLE_MEMFD_KINDS = ("memfd-sealable", "memfd-qemu")
 
 
 class FdPool:
@@ -137,16 +141,21 @@ class FdPool:
 
     def __init__(self) -> None:
         self.fds: list[int] = []
-        self.memfd_sizes: dict[int, int] = {}
+        self.sealable: list[int] = []  # memfds whose shrinking a seal must stop
 
     def make(self, kind: str, size: int = 1 << 20) -> int:
         if kind == "eventfd":
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        elif kind in ("memfd", "memfd-empty"):
-            fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
+        elif kind.startswith("memfd"):
+            sealing = os.MFD_ALLOW_SEALING if kind in SEALABLE_MEMFD_KINDS else 0
+            fd = os.memfd_create("fuzz", os.MFD_CLOEXEC | sealing)
             size = 0 if kind == "memfd-empty" else size
             os.ftruncate(fd, size)
-            self.memfd_sizes[fd] = size
+            if kind == "memfd-qemu":
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            if sealing:
+                self.sealable.append(fd)
         elif kind in ("pipe-r", "pipe-w"):
             r, w = os.pipe2(os.O_CLOEXEC)
             keep, other = (r, w) if kind == "pipe-r" else (w, r)
@@ -162,6 +171,16 @@ class FdPool:
             raise ValueError(kind)
         self.fds.append(fd)
         return fd
+
+    def shrink_sealable(self) -> None:
+        """What a hostile front-end does after sending guest memory: truncate it. The
+        back-end must have sealed every sealable memfd it mapped (EPERM here); one it
+        did not map may shrink, and must then be refused if it comes later."""
+        for fd in self.sealable:
+            try:
+                os.ftruncate(fd, 0)
+            except PermissionError:
+                pass
 
     def close(self) -> None:
         wire.close_all(self.fds)
@@ -201,6 +220,7 @@ class Step:
     label: str
     framing_bad: bool = False  # the back-end must drop the connection
     final: bool = False  # nothing can follow (truncated, garbage)
+    action: Callable[[], None] | None = None  # done instead of a write (data is empty)
 
     def value_reply(self, negotiated: int) -> bool:
         """Whether the answer due is a value of the request's own (not a u64 ack)."""
@@ -241,7 +261,8 @@ class MessagePlanner:
 
     def region(self) -> tuple[MemRegion, int]:
         d = self.d
-        kind = d.choice(["memfd"] * 6 + ["memfd-empty", "eventfd", "pipe-r", "devnull"])
+        kind = d.choice(["memfd"] * 3 + ["memfd-sealable"] * 2 + ["memfd-qemu", "memfd-empty",
+                                                                 "eventfd", "pipe-r", "devnull"])
         size = d.choice([PAGE, 16 * PAGE, 1 << 20])
         fd = self.pool.make(kind, size)
         gpa = d.choice([0, 1 << 20, 1 << 32, d.int(0, 1 << 40) & ~(PAGE - 1)])
@@ -251,7 +272,9 @@ class MessagePlanner:
         region = MemRegion(gpa, rsize, uva, offset)
         if kind.startswith("memfd") and not self.d.bool(0.1):
             self.state.regions.append(region)
-            if kind == "memfd" and size >= 16 * PAGE and rsize >= 16 * PAGE and offset % PAGE == 0:
+            # A file sealed against growing takes no write past its end.
+            grows = kind != "memfd-qemu" or offset + 16 * PAGE <= size
+            if kind != "memfd-empty" and grows and size >= 16 * PAGE and rsize >= 16 * PAGE and offset % PAGE == 0:
                 self.write_ring(fd, region)
         return region, fd
 
@@ -299,10 +322,6 @@ class MessagePlanner:
         if code == F.SET_BACKEND_REQ_FD and self.d.bool(0.7):
             kind = "socket"
         return self.pool.make(kind)
-
-    # Inputs of known bugs are dropped from plans (``without_known_bugs``) unless
-    # this is set (scripts/fuzz.py --allow-known-bugs).
-    allow_known_bugs = False
 
     def payload(self, code: int) -> tuple[object, list[int]]:
         d = self.d
@@ -472,6 +491,9 @@ class MessagePlanner:
             pick = d.int(0, 9)
             if pick <= 5:
                 steps.append(self.valid(d.choice(SESSION_CODES)))
+            elif pick == 9 and d.bool(0.3) and self.pool.sealable:
+                steps.append(Step(b"", [], -1, 0, "the front-end shrinks its memfds",
+                                  action=self.pool.shrink_sealable))
             else:
                 steps.append(self.mutated())
             if steps[-1].framing_bad:
@@ -479,55 +501,7 @@ class MessagePlanner:
         else:
             if d.bool(0.2):
                 steps.append(self.final())
-        if self.allow_known_bugs:
-            return steps
-        return without_known_bugs(steps, self.state.offered_protocol)
-
-
-def without_known_bugs(steps: list[Step], offered_protocol: int) -> list[Step]:
-    """The plan minus the inputs of bugs already reported (each has a strict-xfail
-    reproducer in test_fuzz_control_channel.py), so the fuzz tests stay green and
-    find new ones; ``scripts/fuzz.py --allow-known-bugs`` keeps them."""
-    out: list[Step] = []
-    kick_seen = False
-    negotiated = 0
-    for step in steps:
-        if step.code == F.SET_BACKEND_REQ_FD:
-            if kick_seen:
-                continue  # test_refused_kick_fd_is_not_closed_twice
-            if not all(_is_socket(fd) for fd in step.fds):
-                continue  # test_backend_req_fd_that_is_not_a_socket_is_refused
-        kick_seen |= step.code == F.SET_VRING_KICK and bool(step.fds)
-        well_formed = step.flags in (0x1, 0x9) and not step.framing_bad and not step.final
-        if step.code == F.SET_LOG_BASE:
-            if not negotiated & wire.ProtocolFeature.LOG_SHMFD and step.fds:
-                continue  # test_no_reply_to_set_log_base_without_log_shmfd
-            if well_formed and not (len(step.data) == 28 and len(step.fds) == 1):
-                step = _with_need_reply(step)  # test_reply_due_..._or_the_connection_closed
-        if step.code == F.GET_INFLIGHT_FD and negotiated & wire.ProtocolFeature.INFLIGHT_SHMFD:
-            if len(step.data) not in (32, 36) or step.flags != 0x1 or step.fds:
-                continue  # test_reply_due_..._or_the_connection_closed
-            _size, _offset, queues, queue_size = struct.unpack_from("<QQHH", step.data, 12)
-            if queues != 1 or not 0 < queue_size <= 1024 or queue_size & (queue_size - 1):
-                continue  # refused: no reply (same test)
-        if step.code == F.SET_INFLIGHT_FD and len(step.data) in (32, 36):
-            size, offset = struct.unpack_from("<QQ", step.data, 12)
-            if max(size, offset) >= 1 << 63:
-                continue  # test_set_inflight_fd_with_a_huge_size_is_refused
-        accepted = protocol_features_of(step, offered_protocol)
-        if accepted is not None:
-            negotiated = accepted
-        out.append(step)
-    return out
-
-
-def _with_need_reply(step: Step) -> Step:
-    return Step(step.data[:4] + struct.pack("<I", step.flags | 0x8) + step.data[8:], step.fds,
-                step.code, step.flags | 0x8, step.label, step.framing_bad, step.final)
-
-
-def _is_socket(fd: int) -> bool:
-    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+        return steps
 
 
 # -- running a plan against the live back-end ----------------------------------------------
@@ -657,6 +631,9 @@ def run_message_case(backend: LiveBackend, steps: list[Step], offered_features: 
     try:
         for step in steps:
             result.steps += 1
+            if step.action is not None:
+                step.action()
+                continue
             accepted = protocol_features_of(step, offered_protocol)
             if not send_step(sock, step) or reader.closed:
                 result.closed_by_backend = True

@@ -24,13 +24,13 @@ Properties (``fuzzlib.run_message_case``):
   before, and a fresh front-end (``BlkDriver.connect``) reads correct data;
 * at the end SIGTERM stops it with status 0 and the image is unchanged.
 
-The refusal kinds seen are printed in the terminal summary. Inputs of the bugs
-reproduced below are left out of the plans (``fuzzlib.without_known_bugs``);
-``scripts/fuzz.py --allow-known-bugs`` puts them back.
+The refusal kinds seen are printed in the terminal summary. The inputs of the
+bugs reproduced below stay in the plans, so a regression is found twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import select
@@ -182,29 +182,99 @@ def test_backend_req_fd_that_is_not_a_socket_is_refused(lone, image):
     assert lone.fds() == before, "the pipe's fd leaked"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a front-end that shrinks its memfd after SET_MEM_TABLE makes the back-end touch "
-    "pages past the end of the file: SIGBUS kills the process (SplitQueue.ensure_rings "
-    "reads the used index at SET_VRING_KICK). memory/guest_memory.py map_region checks "
-    "the size once, requires no seal (F_SEAL_SHRINK) and nothing survives the SIGBUS"))
-def test_memory_shrunk_by_the_front_end_does_not_kill_the_backend(lone, image):
+MEMFD_SEALING = {
+    "unsealable": os.MFD_CLOEXEC,  # like a tmpfs or hugetlbfs file: nobody can seal it
+    "sealable": os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,  # the back-end seals it
+    "qemu": os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,  # sealed already, as QEMU's memfd backend
+}
+
+
+def guest_memfd(kind: str, size: int = 1 << 20) -> int:
+    fd = os.memfd_create("guest", MEMFD_SEALING[kind])
+    os.ftruncate(fd, size)
+    if kind == "qemu":
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def send_one_region_table(sock: socket.socket, memfd: int) -> int:
+    """SET_MEM_TABLE with one 1 MiB region at gpa 0; the back-end's u64 answer."""
+    table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, 1 << 20, UVA, 0)
+    return U64.unpack(exchange(sock, raw(F.SET_MEM_TABLE, table, 0x9), [memfd])[2])[0]
+
+
+UVA = 0x7F00_0000_0000
+
+
+@pytest.mark.parametrize("kind", ["sealable", "qemu"])
+def test_memory_the_front_end_tries_to_shrink_stays_mapped(lone, image, kind):
+    """Found by this fuzzer: a front-end that truncated its memfd after SET_MEM_TABLE
+    made the back-end touch pages past the end of the file and die of SIGBUS. The
+    back-end now seals what it maps against shrinking (memory/peer_fd.py)."""
     sock = lone.connect()
     sock.sendall(raw(F.SET_OWNER))
-    memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, 1 << 20)
-    uva = 0x7F00_0000_0000
-    table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, 1 << 20, uva, 0)
-    assert exchange(sock, raw(F.SET_MEM_TABLE, table, 0x9), [memfd])[2] == bytes(8)
-    os.ftruncate(memfd, 0)  # the pages the back-end mapped are gone
+    memfd = guest_memfd(kind)
+    assert send_one_region_table(sock, memfd) == 0
+    assert fcntl.fcntl(memfd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    with pytest.raises(PermissionError):
+        os.ftruncate(memfd, 0)  # what the hostile front-end tries
     os.close(memfd)
     assert exchange(sock, raw(F.SET_VRING_NUM, struct.pack("<II", 0, 8), 0x9))[2] == bytes(8)
-    addr = struct.pack("<IIQQQQ", 0, 0, uva, uva + 0x1000, uva + 0x800, 0)
+    addr = struct.pack("<IIQQQQ", 0, 0, UVA, UVA + 0x1000, UVA + 0x800, 0)
     assert exchange(sock, raw(F.SET_VRING_ADDR, addr, 0x9))[2] == bytes(8)
     kick = os.eventfd(0)
-    exchange(sock, raw(F.SET_VRING_KICK, U64.pack(0), 0x9), [kick])  # refused or not: alive
+    assert exchange(sock, raw(F.SET_VRING_KICK, U64.pack(0), 0x9), [kick])[2] == bytes(8)
     os.close(kick)
     sock.close()
     serves_next_and_stops_cleanly(lone, image)
+
+
+def test_an_unsealable_file_is_mapped_with_a_warning_by_default(lone, image):
+    sock = lone.connect()
+    sock.sendall(raw(F.SET_OWNER))
+    memfd = guest_memfd("unsealable")
+    assert send_one_region_table(sock, memfd) == 0
+    os.close(memfd)
+    sock.close()
+    lone.wait_disconnected()
+    assert "cannot be sealed against shrinking" in lone.log_tail()
+    serves_next_and_stops_cleanly(lone, image)
+
+
+@pytest.mark.parametrize("policy", ["try", "require"])
+def test_a_file_shorter_than_its_region_is_refused(tmp_path, sock_dir, image, policy):
+    backend = fuzzlib.LiveBackend(image, sock_dir / "short.sock", tmp_path / "short.log",
+                                  extra_args=("--memory-seal", policy))
+    try:
+        sock = backend.connect()
+        sock.sendall(raw(F.SET_OWNER))
+        memfd = guest_memfd("sealable", size=1 << 16)  # the region says 1 MiB
+        assert send_one_region_table(sock, memfd) != 0
+        os.close(memfd)
+        sock.close()
+        serves_next_and_stops_cleanly(backend, image)
+    finally:
+        backend.stop()
+
+
+def test_memory_seal_require_refuses_a_file_nobody_can_seal(tmp_path, sock_dir, image):
+    backend = fuzzlib.LiveBackend(image, sock_dir / "req.sock", tmp_path / "req.log",
+                                  extra_args=("--memory-seal", "require"))
+    try:
+        sock = backend.connect()
+        sock.sendall(raw(F.SET_OWNER))
+        for kind, answer in (("unsealable", "refused"), ("sealable", 0), ("qemu", 0)):
+            memfd = guest_memfd(kind)
+            got = send_one_region_table(sock, memfd)
+            os.close(memfd)
+            assert (got != 0) if answer == "refused" else got == 0, (kind, got)
+        sock.close()
+        backend.wait_disconnected()
+        assert "--memory-seal require" in backend.log_tail()
+        serves_next_and_stops_cleanly(backend, image)
+    finally:
+        backend.stop()
 
 
 def cpu_seconds(pid: int) -> float:

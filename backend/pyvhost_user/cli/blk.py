@@ -17,6 +17,7 @@ import sys
 from ..devices.base import DeviceError
 from ..devices.blk import BlkDevice
 from ..memory.iotlb import DefaultMapping
+from ..memory.peer_fd import SealPolicy
 from ..control.server import ControlServer
 from ..server import BackendServer
 from ..server.control_target import BackendControl
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "always (even for stock QEMU: stale translations possible), never",
     )
     p.add_argument(
+        "--memory-seal", choices=[s.value for s in SealPolicy], default="try",
+        help="files the front-end sends to be mapped are sealed against shrinking when "
+        "the kernel allows it (memfds made sealable, as QEMU's memory-backend-memfd does); "
+        "try: map the others with a warning (a front-end truncating one would kill the "
+        "back-end with SIGBUS), require: refuse them",
+    )
+    p.add_argument(
         "--control-socket", metavar="PATH",
         help="operator control socket (JSON, QMP-like; see vhost-user-ctl)",
     )
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             num_asids=args.num_asids,
             asid_default=DefaultMapping(args.asid_default),
             iotlb_persist=IotlbPersist(args.iotlb_persist),
+            memory_seal=SealPolicy(args.memory_seal),
         )
     except ValueError as exc:
         print(f"vhost-user-blk: {exc}", file=sys.stderr)

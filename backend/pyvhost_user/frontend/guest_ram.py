@@ -17,6 +17,7 @@ boundary) and a third one after a hole.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from collections.abc import Sequence
@@ -116,9 +117,11 @@ class GuestRam:
         self._allocated: dict[int, int] = {}  # gpa -> size
 
     def _new_memfd(self, name: str, size: int) -> tuple[int, mmap.mmap]:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._fds.append(fd)
         os.ftruncate(fd, size)
+        # As QEMU's memory-backend-memfd does by default (seal=on): the size is final.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._mappings.append(mapping)
         return fd, mapping

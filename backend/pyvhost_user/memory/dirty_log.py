@@ -10,10 +10,10 @@ race can only leave a page marked twice, never lose a mark.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import threading
 
 from .errors import GuestMemoryError
+from .peer_fd import PeerFdError, SealPolicy, map_peer_fd
 
 LOG_PAGE = 0x1000
 
@@ -23,16 +23,16 @@ class DirtyLogError(GuestMemoryError):
 
 
 class DirtyLog:
-    def __init__(self, fd: int, size: int, offset: int) -> None:
+    def __init__(self, fd: int, size: int, offset: int,
+                 seal: SealPolicy = SealPolicy.TRY) -> None:
         if size == 0:
             raise DirtyLogError("dirty log of size 0")
-        aligned = offset - offset % mmap.PAGESIZE
         try:
-            self._mapping = mmap.mmap(fd, size + offset - aligned, flags=mmap.MAP_SHARED,
-                                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise DirtyLogError(f"cannot map the dirty log: {exc}") from None
-        self.view = memoryview(self._mapping)[offset - aligned : offset - aligned + size]
+            peer = map_peer_fd(fd, offset, size, "dirty log", seal)
+        except PeerFdError as exc:
+            raise DirtyLogError(str(exc)) from None
+        self._mapping = peer.mapping
+        self.view = peer.view
         self.size = size
         self.pages_marked = 0
         self.marks_outside = 0  # writes past the log (a too-small log from the front-end)

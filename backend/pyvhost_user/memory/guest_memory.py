@@ -16,11 +16,11 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import BadMemoryRegion, UnmappedAddress
+from .peer_fd import PeerFdError, SealPolicy, map_peer_fd
 
 PAGE_SIZE = mmap.PAGESIZE
 U64_LIMIT = 1 << 64
@@ -39,6 +39,7 @@ class MappedRegion:
     _mapping: mmap.mmap = field(repr=False)
     _view: memoryview = field(repr=False)
     host_address: int = 0  # where the region starts in this process (dirty logging)
+    shrink_sealed: bool = True  # False: the front-end could truncate it under us (peer_fd)
 
     @property
     def gpa_end(self) -> int:
@@ -60,40 +61,27 @@ class MappedRegion:
 
 
 def map_region(
-    fd: int, guest_phys_addr: int, size: int, user_addr: int, mmap_offset: int
+    fd: int, guest_phys_addr: int, size: int, user_addr: int, mmap_offset: int,
+    seal: SealPolicy = SealPolicy.TRY,
 ) -> MappedRegion:
     """Map ``size`` bytes of ``fd`` at ``mmap_offset``, shared, read-write.
 
     The fd is not closed here (the caller owns it). Raises ``BadMemoryRegion``
-    when the fd cannot be mapped (not a file, too small, not writable ...).
+    when the fd cannot be mapped safely (not a file, too small, not writable,
+    not sealable against shrinking under ``SealPolicy.REQUIRE``: see peer_fd).
     """
     if size <= 0:
         raise BadMemoryRegion(f"region of size {size}")
     if guest_phys_addr + size > U64_LIMIT or user_addr + size > U64_LIMIT:
         raise BadMemoryRegion("region wraps past 2**64")
-    aligned_offset = mmap_offset - mmap_offset % PAGE_SIZE
-    lead = mmap_offset - aligned_offset
     try:
-        file_size = os.fstat(fd).st_size
-    except OSError as exc:
-        raise BadMemoryRegion(f"fd {fd} cannot be inspected: {exc.strerror}") from None
-    if file_size and mmap_offset + size > file_size:
-        raise BadMemoryRegion(
-            f"region needs {mmap_offset + size:#x} bytes of its fd, which has {file_size:#x}"
-        )
-    try:
-        mapping = mmap.mmap(
-            fd,
-            lead + size,
-            flags=mmap.MAP_SHARED,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            offset=aligned_offset,
-        )
-    except (OSError, ValueError, OverflowError) as exc:
-        raise BadMemoryRegion(f"cannot map fd {fd}: {exc}") from None
-    view = memoryview(mapping)[lead : lead + size]
-    host_address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    return MappedRegion(guest_phys_addr, size, user_addr, mmap_offset, mapping, view, host_address)
+        peer = map_peer_fd(fd, mmap_offset, size, f"memory region at gpa {guest_phys_addr:#x}",
+                           seal)
+    except PeerFdError as exc:
+        raise BadMemoryRegion(str(exc)) from None
+    host_address = ctypes.addressof(ctypes.c_char.from_buffer(peer.view))
+    return MappedRegion(guest_phys_addr, size, user_addr, mmap_offset, peer.mapping, peer.view,
+                        host_address, peer.shrink_sealed)
 
 
 class GuestMemory:

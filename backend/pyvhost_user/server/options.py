@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from ..memory.iotlb import DefaultMapping
+from ..memory.peer_fd import SealPolicy
 
 
 class IotlbPersist(enum.Enum):
@@ -31,6 +32,9 @@ class BackendOptions:
     # vIOMMU behind it: its ASID 0 is always EMPTY (identity would bypass it).
     asid_default: DefaultMapping = DefaultMapping.IDENTITY
     iotlb_persist: IotlbPersist = IotlbPersist.NEGOTIATED
+    # Files the front-end sends to be mapped (guest memory, dirty log, inflight
+    # buffer) are sealed against shrinking where possible; REQUIRE refuses the others.
+    memory_seal: SealPolicy = SealPolicy.TRY
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_asids <= 64:

@@ -413,6 +413,7 @@ class Session:
                         region.size,
                         region.user_addr,
                         region.mmap_offset,
+                        self.options.memory_seal,
                     )
                 )
         except BadMemoryRegion as exc:
@@ -430,7 +431,8 @@ class Session:
         region = m.payload.region
         try:
             mapped = map_region(
-                m.fds[0], region.guest_phys_addr, region.size, region.user_addr, region.mmap_offset
+                m.fds[0], region.guest_phys_addr, region.size, region.user_addr, region.mmap_offset,
+                self.options.memory_seal,
             )
             self.memory.add(mapped)
         except BadMemoryRegion as exc:
@@ -742,7 +744,8 @@ class Session:
         p = m.payload
         assert isinstance(p, LogDescription)
         try:
-            self._dirty_log = DirtyLog(m.fds[0], p.mmap_size, p.mmap_offset)
+            self._dirty_log = DirtyLog(m.fds[0], p.mmap_size, p.mmap_offset,
+                                      self.options.memory_seal)
         except DirtyLogError as exc:
             raise Refused(m.request, str(exc)) from None
         finally:
@@ -786,7 +789,8 @@ class Session:
         try:
             if not 0 < p.num_queues <= len(self.rings):
                 raise InvalidQueueConfig(f"{p.num_queues} queues; the device has {len(self.rings)}")
-            region = InflightRegion(m.fds[0], p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
+            region = InflightRegion(m.fds[0], p.mmap_size, p.mmap_offset, p.num_queues,
+                                    p.queue_size, self.options.memory_seal)
         except InvalidQueueConfig as exc:
             raise Refused(m.request, str(exc)) from None
         finally:

@@ -17,11 +17,11 @@ keeps the fd), so only its own invariants matter; the steps follow the spec.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from typing import Final
 
+from ..memory.peer_fd import PeerFdError, SealPolicy, map_peer_fd
 from .errors import InvalidQueueConfig
 
 HEADER: Final = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
@@ -107,7 +107,7 @@ class InflightRegion:
     """The whole shared buffer: ``num_queues`` regions, mapped from an fd."""
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                 queue_size: int) -> None:
+                 queue_size: int, seal: SealPolicy = SealPolicy.TRY) -> None:
         per_queue = queue_region_size(queue_size)
         if num_queues == 0 or queue_size == 0 or queue_size & (queue_size - 1):
             raise InvalidQueueConfig(f"inflight for {num_queues} queues of size {queue_size}")
@@ -117,11 +117,11 @@ class InflightRegion:
                 f"{queue_size} need {per_queue * num_queues}"
             )
         try:
-            self._mapping = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED,
-                                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise InvalidQueueConfig(f"cannot map the inflight fd: {exc}") from None
-        view = memoryview(self._mapping)
+            peer = map_peer_fd(fd, mmap_offset, mmap_size, "inflight buffer", seal)
+        except PeerFdError as exc:
+            raise InvalidQueueConfig(str(exc)) from None
+        self._mapping = peer.mapping
+        view = peer.view
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.mmap_size = mmap_size
@@ -134,7 +134,8 @@ class InflightRegion:
     def allocate(cls, num_queues: int, queue_size: int) -> tuple[InflightRegion, int]:
         """A new zeroed buffer in a memfd; returns the region and the fd to send."""
         size = queue_region_size(queue_size) * num_queues
-        fd = os.memfd_create("pyvhost-inflight", os.MFD_CLOEXEC)
+        # Sealable, so that mapping it seals it against shrinking (memory/peer_fd.py).
+        fd = os.memfd_create("pyvhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             region = cls(fd, size, 0, num_queues, queue_size)
