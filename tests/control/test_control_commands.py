@@ -208,7 +208,7 @@ def test_query_commands_is_answered_by_the_connection():
     names = {entry["name"] for entry in reply["return"]}
     assert names == {
         "qmp_capabilities", "capabilities", "query-commands", "query-address-spaces",
-        "query-groups", "reset-map", "query-stats", "query-status",
+        "query-groups", "reset-map", "query-stats", "query-status", "query-flight-recorder",
     }
     assert reply["id"] == "q"
 

@@ -204,6 +204,10 @@ CONDITIONAL_REPLY = {
     F.CHECK_DEVICE_STATE: wire.ProtocolFeature.DEVICE_STATE,
 }
 REPLY_FDS = {F.GET_INFLIGHT_FD: 1}  # a value reply carrying an fd
+# The u64 answering SET_DEVICE_STATE_FD (vhost-user.rst): bits 0-7 an error code (0:
+# success), bit 8 "no fd": the back-end's own channel comes with the reply exactly
+# when it is clear, and never with an error. No other bit is defined.
+DEVICE_STATE_ERROR, DEVICE_STATE_NO_FD = 0xFF, 0x100
 UNKNOWN_CODES = (0, 26, 33, 41, 44, 45, 999, 0x4000, 0x4008, U32_MAX)
 SESSION_CODES = sorted(FRONTEND_LAYOUTS)
 RING_SIZE, RING_AVAIL, RING_USED = 8, 0x80, 0x100  # the ring write_ring leaves in a memfd
@@ -569,6 +573,9 @@ def check_reply(step: Step, code: int, flags: int, payload: bytes, *, negotiated
         decoded = reply_type.decode(payload)
     except ValueError as exc:
         raise Violation(f"{step.label}: reply payload does not decode: {exc}") from None
+    if value and code == F.SET_DEVICE_STATE_FD:
+        check_device_state_fd_reply(step, decoded.value, fds)
+        return
     if fds != (REPLY_FDS.get(code, 0) if value else 0):
         raise Violation(f"{step.label}: reply with {fds} fd(s)")
     if reply_type is U64 and code not in REPLY_CODES and decoded.value not in (0, 1):
@@ -582,6 +589,15 @@ def check_reply(step: Step, code: int, flags: int, payload: bytes, *, negotiated
         sent = VringState.decode(memoryview(step.data)[12:])
         if decoded.index != sent.index:
             raise Violation(f"{step.label}: answered for ring {decoded.index}, asked {sent.index}")
+
+
+def check_device_state_fd_reply(step: Step, value: int, fds: int) -> None:
+    if value & ~(DEVICE_STATE_ERROR | DEVICE_STATE_NO_FD):
+        raise Violation(f"{step.label}: reply {value:#x} sets undefined bits")
+    if value & DEVICE_STATE_ERROR and not value & DEVICE_STATE_NO_FD:
+        raise Violation(f"{step.label}: reply {value:#x} is an error that claims an fd")
+    if fds != (0 if value & (DEVICE_STATE_ERROR | DEVICE_STATE_NO_FD) else 1):
+        raise Violation(f"{step.label}: reply {value:#x} with {fds} fd(s)")
 
 
 @dataclass

@@ -13,9 +13,11 @@ Properties (``fuzzlib.run_message_case``):
 
 * every request that asks for a reply (NEED_REPLY, a request whose answer is
   a value, or one whose reply a negotiated protocol feature makes due:
-  SET_LOG_BASE with LOG_SHMFD, GET_INFLIGHT_FD with INFLIGHT_SHMFD) gets
+  SET_LOG_BASE with LOG_SHMFD, GET_INFLIGHT_FD with INFLIGHT_SHMFD,
+  SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE with DEVICE_STATE) gets
   exactly one, with flags exactly VERSION|REPLY, its own request code, a
-  payload of the right layout and the right number of fds, or the connection
+  payload of the right layout and the right number of fds (for
+  SET_DEVICE_STATE_FD: as its no-fd bit says, none with an error), or the connection
   is closed, within ``REPLY_TIMEOUT``; nothing is sent unasked (a GET_FEATURES
   barrier ends each example); a framing error closes the connection;
 * the session ends for an expected reason only (never "internal error" or a

@@ -54,7 +54,10 @@ def live(tmp_path):
     short = Path(tempfile.mkdtemp(prefix="pyvu-leak-"))
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(IMAGE_BYTES))
-    backend = LiveBackend(image, short / "leak.sock", tmp_path / "backend.log")
+    # The flight recorder is a ring buffer: it grows until full, by design. Small
+    # enough to be full after the warm-up, it holds still and anything else shows.
+    backend = LiveBackend(image, short / "leak.sock", tmp_path / "backend.log",
+                          extra_args=("--flight-recorder", "64"))
     try:
         yield backend
     finally:

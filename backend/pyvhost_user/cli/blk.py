@@ -17,7 +17,11 @@ import sys
 from ..devices.base import DeviceError
 from ..devices.blk import BlkDevice
 from ..memory.iotlb import DefaultMapping
+from ..memory.map_cost import PUBLISHED_SECONDS_PER_GIB, MapCost
 from ..memory.peer_fd import SealPolicy
+from ..recorder import FlightRecorder, chrome_trace, mermaid_sequence
+from ..recorder.chrome_trace import write_chrome_trace
+from ..recorder.flight_recorder import DEFAULT_CAPACITY
 from ..control.server import ControlServer
 from ..server import BackendServer
 from ..server.control_target import BackendControl
@@ -48,6 +52,23 @@ class StopOnSignal:
         self.requested = True
         if self.server is not None:
             self.server.request_stop()
+
+
+def write_traces(recorder: FlightRecorder, what: str, chrome: str | None,
+                 sequence: str | None) -> None:
+    """The flight recorder at exit, as asked (a failure is logged: the exit goes on)."""
+    events = recorder.events()
+    try:
+        if chrome:
+            write_chrome_trace(chrome_trace(events, process=f"back-end {what}",
+                                            other=recorder.describe()), chrome)
+            log.info("flight recorder: %d events written to %s", len(events), chrome)
+        if sequence:
+            with open(sequence, "w") as f:
+                f.write(mermaid_sequence(events, title=what))
+            log.info("flight recorder: sequence diagram written to %s", sequence)
+    except OSError as exc:
+        log.error("cannot write the flight recorder: %s", exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
         "back-end with SIGBUS), require: refuse them",
     )
     p.add_argument(
+        "--map-cost", choices=[c.value for c in MapCost], default="none",
+        help="what mapping guest memory for DMA costs (IOTLB updates; the memory table "
+        "without an IOTLB): none, real (populate every page, as pinning does) or simulated "
+        "(sleep --map-cost-rate per GiB, nothing allocated)",
+    )
+    p.add_argument(
+        "--map-cost-rate", type=float, default=PUBLISHED_SECONDS_PER_GIB, metavar="S_PER_GIB",
+        help=f"seconds per GiB for --map-cost simulated (default {PUBLISHED_SECONDS_PER_GIB}, "
+        "the published vDPA pinning rate)",
+    )
+    p.add_argument(
+        "--flight-recorder", type=int, default=DEFAULT_CAPACITY, metavar="N",
+        help=f"events the flight recorder keeps (default {DEFAULT_CAPACITY}); see "
+        "vhost-user-ctl query-flight-recorder",
+    )
+    p.add_argument(
+        "--trace-out", metavar="FILE",
+        help="at exit, write the flight recorder as a Chrome trace JSON (opens in Perfetto)",
+    )
+    p.add_argument(
+        "--sequence-out", metavar="FILE",
+        help="at exit, write the flight recorder as a Mermaid sequence diagram",
+    )
+    p.add_argument(
         "--control-socket", metavar="PATH",
         help="operator control socket (JSON, QMP-like; see vhost-user-ctl)",
     )
@@ -138,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             asid_default=DefaultMapping(args.asid_default),
             iotlb_persist=IotlbPersist(args.iotlb_persist),
             memory_seal=SealPolicy(args.memory_seal),
+            map_cost=MapCost(args.map_cost),
+            map_cost_seconds_per_gib=args.map_cost_rate,
         )
+        recorder = FlightRecorder(args.flight_recorder)
     except ValueError as exc:
         print(f"vhost-user-blk: {exc}", file=sys.stderr)
         device.close()
@@ -166,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = BackendServer(
             device, socket_path=args.socket_path, fd=args.fd, socket_mode=args.socket_mode,
-            socket_group=args.socket_group, options=options,
+            socket_group=args.socket_group, options=options, recorder=recorder,
         )
     except (OSError, ValueError) as exc:
         print(f"vhost-user-blk: cannot listen: {exc}", file=sys.stderr)
@@ -183,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if control is not None:
             control.close()
         device.close()
+        write_traces(recorder, device.describe(), args.trace_out, args.sequence_out)
     log.info("stopped after %d front-end session(s)", server.sessions_served)
     return 0
 

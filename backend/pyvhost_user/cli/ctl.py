@@ -4,6 +4,7 @@
     vhost-user-ctl --socket PATH query-groups
     vhost-user-ctl --socket PATH reset-map ASID
     vhost-user-ctl --socket PATH query-stats | query-status | query-commands
+    vhost-user-ctl --socket PATH query-flight-recorder [--format chrome|mermaid|summary] [-o F]
     vhost-user-ctl --socket PATH events            # follow until Ctrl-C
     vhost-user-ctl --socket PATH raw '{"execute": "query-stats"}'
 
@@ -29,6 +30,7 @@ from ..control.client import CommandFailed, ControlClient
 from ..control.commands import (
     ASID_MAX,
     NO_ID,
+    TRACE_FORMATS,
     ControlProtocolError,
     ErrorReply,
     EventMessage,
@@ -131,9 +133,9 @@ def format_address_spaces(spaces: Any) -> str:
         out.append(f"ASID {_cell(space.get('asid'))} mappings:")
         out.append(
             table(
-                ["IOVA", "SIZE", "UADDR", "PERM"],
+                ["IOVA", "SIZE", "TARGET", "PERM"],
                 (
-                    [_hex(m.get("iova")), human_bytes(m.get("size")), _hex(m.get("uaddr")),
+                    [_hex(m.get("iova")), human_bytes(m.get("size")), _target(m),
                      _perm(m.get("perm"))]
                     if isinstance(m, dict) else [_cell(m), "", "", ""]
                     for m in mappings
@@ -142,6 +144,13 @@ def format_address_spaces(spaces: Any) -> str:
             )
         )
     return "\n".join(out)
+
+
+def _target(mapping: dict[str, Any]) -> str:
+    """A user address, or "gpa ..." for an entry restored from a migrated device state."""
+    if "gpa" in mapping:
+        return f"gpa {_hex(mapping.get('gpa'))}"
+    return _hex(mapping.get("uaddr"))
 
 
 def format_groups(groups: Any) -> str:
@@ -240,6 +249,9 @@ FORMATTERS = {
     "query-stats": format_stats,
     "query-status": format_status,
     "query-commands": format_commands,
+    "query-flight-recorder": lambda value: value if isinstance(value, str) else (
+        format_mapping(value) if isinstance(value, dict) and "traceEvents" not in value
+        else json.dumps(value)),
 }
 
 
@@ -281,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("query-stats", parents=[json_flag], help="counters")
     sub.add_parser("query-status", parents=[json_flag], help="device and front-end status")
     sub.add_parser("query-commands", parents=[json_flag], help="commands the server knows")
+    fr = sub.add_parser("query-flight-recorder", parents=[json_flag],
+                        help="the flight recorder: a Chrome/Perfetto trace, a Mermaid "
+                        "sequence diagram, or a summary")
+    fr.add_argument("--format", choices=TRACE_FORMATS, default="chrome")
+    fr.add_argument("--last", type=int, default=0, metavar="N", help="only the last N events")
+    fr.add_argument("--output", "-o", metavar="FILE", help="write the trace to FILE")
     sub.add_parser("events", parents=[json_flag],
                    help="print events as they happen, until Ctrl-C")
     raw = sub.add_parser("raw", help="send one JSON request, print the JSON reply")
@@ -293,7 +311,18 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any] | None:
         return {"entries": True} if args.entries else None
     if args.command == "reset-map":
         return {"asid": args.asid}
+    if args.command == "query-flight-recorder":
+        return {"format": args.format, "last": args.last}
     return None
+
+
+def _write_output(path: str, value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    with open(path, "w") as f:
+        f.write(text)
+    events = len(value["traceEvents"]) if isinstance(value, dict) and "traceEvents" in value \
+        else text.count("\n")
+    return f"wrote {path} ({events} {'events' if isinstance(value, dict) else 'lines'})"
 
 
 def _error(message: str) -> None:
@@ -340,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
             except CommandFailed as exc:
                 _error(f"{exc.command}: {exc.desc} ({exc.error_class})")
                 return EXIT_REFUSED
+            if getattr(args, "output", None):
+                try:
+                    print(_write_output(args.output, value))
+                except OSError as exc:
+                    _error(f"cannot write {args.output}: {exc.strerror}")
+                    return EXIT_USAGE
+                return EXIT_OK
             print(json.dumps(value, indent=2) if args.json else FORMATTERS[args.command](value))
             return EXIT_OK
     except ControlProtocolError as exc:  # connection lost, timeout, bad server line

@@ -281,12 +281,13 @@ class Argument:
     """One named argument: a JSON type check, an optional range check, a default."""
 
     name: str
-    kind: str  # "bool" | "int" | "str-list"
+    kind: str  # "bool" | "int" | "str-list" | "choice"
     required: bool = False
     default: Any = None
     minimum: int | None = None
     maximum: int | None = None
     help: str = ""
+    choices: tuple[str, ...] = ()  # the strings a "choice" takes
 
     def check(self, command: str, value: Any, request_id: Any) -> Any:
         where = f"{command}: argument '{self.name}'"
@@ -310,6 +311,17 @@ class Argument:
                     request_id=request_id,
                 )
             return value
+        if self.kind == "choice":
+            if not isinstance(value, str):
+                raise WrongArgumentType(
+                    f"{where} must be a string, got {_json_type(value)}", request_id=request_id
+                )
+            if value not in self.choices:
+                raise ArgumentOutOfRange(
+                    f"{where} is {_short(value)!r}, not one of {', '.join(self.choices)}",
+                    request_id=request_id,
+                )
+            return value
         if self.kind == "str-list":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise WrongArgumentType(
@@ -329,6 +341,7 @@ class CommandSpec:
 
 
 NEGOTIATION_COMMANDS: Final = frozenset({"qmp_capabilities", "capabilities"})
+TRACE_FORMATS: Final = ("chrome", "mermaid", "summary")
 
 _ENABLE = Argument(
     "enable", "str-list", default=(), help="capabilities to enable (only those advertised)"
@@ -360,6 +373,17 @@ COMMANDS: Final[dict[str, CommandSpec]] = {
         ),
         CommandSpec("query-stats", "counters (translations, misses, IOTLB updates, ...)"),
         CommandSpec("query-status", "device, front-end connection, features, persist policy"),
+        CommandSpec(
+            "query-flight-recorder",
+            "the recorded life-cycle steps, requests and mapping changes, as a trace",
+            (
+                Argument("format", "choice", default="chrome", choices=TRACE_FORMATS,
+                         help="chrome (trace event JSON, opens in Perfetto), mermaid "
+                         "(sequence diagram text) or summary (counts only)"),
+                Argument("last", "int", default=0, minimum=0, maximum=10_000_000,
+                         help="only the last N events (0: all kept)"),
+            ),
+        ),
     )
 }
 
@@ -548,12 +572,17 @@ def _call_reset_map(target: ControlTarget, args: Mapping[str, Any]) -> Any:
     return target.reset_map(args["asid"])
 
 
+def _call_query_flight_recorder(target: ControlTarget, args: Mapping[str, Any]) -> Any:
+    return target.flight_recorder(args["format"], args["last"] or None)
+
+
 TARGET_CALLS: Final[dict[str, Callable[[ControlTarget, Mapping[str, Any]], Any]]] = {
     "query-address-spaces": _call_query_address_spaces,
     "query-groups": lambda target, _args: target.query_groups(),
     "reset-map": _call_reset_map,
     "query-stats": lambda target, _args: target.query_stats(),
     "query-status": lambda target, _args: target.query_status(),
+    "query-flight-recorder": _call_query_flight_recorder,
 }
 
 

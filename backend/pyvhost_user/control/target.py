@@ -26,7 +26,8 @@ class ControlTarget(Protocol):
     def query_address_spaces(self, *, entries: bool = False) -> list[dict[str, Any]]:
         """Per ASID: {"asid", "default": "identity"|"empty", "state": "passthrough"|"empty"|
         "mapped", "entries": n, "mapped_bytes": n, "groups": [...], "touched": bool} and, when
-        ``entries``, "mappings": [{"iova", "size", "uaddr", "perm"}, ...]."""
+        ``entries``, "mappings": [{"iova", "size", "uaddr", "perm"}, ...] ("gpa" instead of
+        "uaddr" for an entry restored from a migrated device state)."""
 
     def query_groups(self) -> list[dict[str, Any]]:
         """Per virtqueue group: {"group", "asid", "queues": [...]}."""
@@ -43,7 +44,12 @@ class ControlTarget(Protocol):
         """{"device": str, "front_end_connected": bool, "features": int, "status": int,
         "iotlb_persist": "negotiated"|"always"|"never", "persist_active": bool, ...}."""
 
+    def flight_recorder(self, fmt: str, last: int | None) -> Any:
+        """The flight recorder's events: "chrome" a Chrome trace event JSON object,
+        "mermaid" a sequence diagram (text), "summary" {"kept", "recorded", "dropped", ...}."""
+
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener`` (from any thread) for each event; returns an unsubscribe function.
         Events: MAP, UNMAP (IOTLB update/invalidate), DEVICE_RESET, RESET_MAP,
-        FRONT_END_CONNECTED, FRONT_END_DISCONNECTED, QUEUE_BROKEN."""
+        RING_STARTED, RING_STOPPED, FRONT_END_CONNECTED, FRONT_END_DISCONNECTED,
+        QUEUE_BROKEN."""

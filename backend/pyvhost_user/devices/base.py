@@ -8,6 +8,8 @@ server hands it checked chains and puts its answer on the used ring.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import PyVhostUserError
 from ..virtqueue.chain import DescriptorChain
@@ -15,6 +17,15 @@ from ..virtqueue.chain import DescriptorChain
 
 class DeviceError(PyVhostUserError):
     """Base of the device layer's errors."""
+
+
+_ABSENT = object()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for a log line: a state from a front-end can hold anything, of any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Device(abc.ABC):
@@ -59,6 +70,31 @@ class Device(abc.ABC):
 
     def reset(self) -> None:
         """Device reset: forget per-driver state (not the backing storage)."""
+
+    # -- migration (VHOST_USER_SET_DEVICE_STATE_FD) ----------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """What a migration destination must get from this device, as JSON values:
+        the volatile state the driver changed, and the configuration the driver
+        relies on, which the destination must have the same."""
+        return {"type": self.capability_type}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``DeviceError`` unless this device can take ``state`` (a source's
+        ``export_state``). A device with no volatile state takes only its own."""
+        mine = self.export_state()
+        differences = [
+            f"{str(key)[:60]}: {_short(state.get(key, '(absent)'))} on the source, "
+            f"{_short(mine.get(key, '(absent)'))} here"
+            for key in sorted(set(mine) | set(state))
+            if state.get(key, _ABSENT) != mine.get(key, _ABSENT)
+        ]
+        if differences:
+            more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+            raise DeviceError("device state does not match this device: "
+                              + "; ".join(differences[:5]) + more)
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        """Take a state ``check_state`` accepted (nothing to do without volatile state)."""
 
     def describe(self) -> str:
         return self.capability_type

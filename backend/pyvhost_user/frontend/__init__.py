@@ -23,7 +23,7 @@ from .errors import (
     RingError,
 )
 from .guest_ram import GuestRam, GuestRamError, RamRegion
-from .iommu import IOVA_OFFSET, Iommu, IommuEntry, IommuFault
+from .iommu import IOVA_OFFSET, Iommu, IommuEntry, IommuFault, LinearIommu
 from .split_ring import Descriptor, Segment, SplitRing, vring_need_event
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -40,11 +40,16 @@ from typing import Final, Literal
 
 from ..wire import (
     BACKEND_LAYOUTS,
+    DEVICE_STATE_REPLY_ERROR_MASK,
+    DEVICE_STATE_REPLY_NO_FD,
     FRONTEND_LAYOUTS,
     NEED_DATA,
     AsidIotlbMsg,
     BackendRequest,
     ConfigSpace,
+    DeviceStateDirection,
+    DeviceStatePhase,
+    DeviceStateTransfer,
     FrontendRequest,
     InflightDescription,
     IotlbMsg,
@@ -108,6 +113,42 @@ FdChoice = int | None | Literal["own"]
 
 def _pick_fd(choice: FdChoice, own: int) -> int | None:
     return own if choice == OWN_FD else choice  # type: ignore[return-value]
+
+
+def _wait_fd(fd: int, events: int, deadline: float, what: str) -> None:
+    """Until ``fd`` is ready for ``events`` (or hung up, or in error: then the read or
+    write that follows says so), else ``FrontendTimeout``."""
+    poller = select.poll()
+    poller.register(fd, events)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not poller.poll(remaining * 1000):
+        raise FrontendTimeout(f"the back-end did not {what} in time")
+
+
+def _read_to_end(fd: int, deadline: float) -> bytes:
+    """Everything until end of file (the back-end closing its end)."""
+    data = bytearray()
+    while True:
+        _wait_fd(fd, select.POLLIN, deadline, "write its state to the end")
+        chunk = os.read(fd, RECV_SIZE)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def _write_all(fd: int, data: memoryview, deadline: float) -> None:
+    """Write ``data``; stop quietly if the back-end closed its end (its CHECK_DEVICE_STATE
+    answer says why)."""
+    os.set_blocking(fd, False)
+    done = 0
+    while done < len(data):
+        _wait_fd(fd, select.POLLOUT, deadline, "read the state")
+        try:
+            done += os.write(fd, data[done : done + RECV_SIZE])
+        except BlockingIOError:
+            continue
+        except BrokenPipeError:
+            return
 
 
 @dataclass(frozen=True)
@@ -598,8 +639,10 @@ class Frontend:
     def get_status(self) -> int:
         return self._u64_reply(F.GET_STATUS)
 
-    def reset_device(self) -> None:
-        self._request(F.RESET_DEVICE)
+    def reset_device(self, *, sync: bool = False) -> None:
+        """RESET_DEVICE, sent as QEMU does (no reply awaited); ``sync``: wait until the
+        back-end has done it (NEED_REPLY, or GET_FEATURES after it), to time it."""
+        self._request(F.RESET_DEVICE, sync=sync)
         self._device_was_reset()
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[InflightDescription, int]:
@@ -613,6 +656,93 @@ class Frontend:
 
     def set_inflight_fd(self, description: InflightDescription, fd: int) -> None:
         self._request(F.SET_INFLIGHT_FD, description, fds=[fd])
+
+    # -- device state (live migration, vhost-user.rst "Migrating back-end state") ------
+    def set_device_state_fd(
+        self, direction: DeviceStateDirection, fd: int,
+        phase: DeviceStatePhase = DeviceStatePhase.STOPPED,
+    ) -> int | None:
+        """SET_DEVICE_STATE_FD with ``fd`` (sent, not closed: the caller's). Returns the
+        back-end's own channel when it gives one (then it must be used instead), else
+        None; ``BackendRefused`` when bits 0-7 of the reply are not 0."""
+        answer = self._request(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(direction, phase),
+                               fds=[fd])
+        assert answer is not None and isinstance(answer.payload, U64)
+        value = answer.payload.value
+        if value & DEVICE_STATE_REPLY_ERROR_MASK:
+            answer.close_fds()
+            raise BackendRefused(F.SET_DEVICE_STATE_FD, value)
+        if value & DEVICE_STATE_REPLY_NO_FD:
+            return None
+        return answer.fds[0]  # the codec let exactly one through
+
+    def check_device_state(self) -> int:
+        """CHECK_DEVICE_STATE: 0 when the back-end says the transfer succeeded."""
+        return self._u64_reply(F.CHECK_DEVICE_STATE)
+
+    def suspend_device(self) -> list[int]:
+        """Every ring disabled and stopped, with no device reset after (no SET_STATUS 0,
+        no RESET_DEVICE): the suspended device whose state can be saved. Unlike
+        ``stop_device``, groups stay bound to their ASIDs (a reset binds all to 0)."""
+        indices = range(len(self._started_sizes))
+        if self.protocol_features_negotiated:
+            for index in indices:
+                self.set_vring_enable(index, False)
+        return [self.get_vring_base(index) for index in indices]
+
+    def save_device_state(self) -> bytes:
+        """QEMU's vhost_save_backend_state: a pipe, SET_DEVICE_STATE_FD (save) with its
+        write end, read to end of file, CHECK_DEVICE_STATE. Returns the state;
+        ``BackendRefused`` when either request fails."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                theirs = self.set_device_state_fd(DeviceStateDirection.SAVE, write_end)
+            finally:
+                os.close(write_end)  # ours must go, or the back-end's close is no end of file
+            if theirs is not None:
+                os.close(read_end)
+                read_end = theirs
+            data = _read_to_end(read_end, self._deadline(None))
+        finally:
+            os.close(read_end)
+        self._check_state_transfer()
+        return data
+
+    def load_device_state(self, data: bytes | bytearray | memoryview) -> None:
+        """QEMU's vhost_load_backend_state: a pipe, SET_DEVICE_STATE_FD (load) with its
+        read end, ``data`` written and the write end closed, CHECK_DEVICE_STATE.
+        ``BackendRefused`` when the back-end refuses the channel or the state."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            theirs = self.set_device_state_fd(DeviceStateDirection.LOAD, read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        if theirs is not None:
+            os.close(write_end)
+            write_end = theirs
+        try:
+            _write_all(write_end, memoryview(data).cast("B"), self._deadline(None))
+        finally:
+            os.close(write_end)  # the end of file the back-end reads up to
+        self._check_state_transfer()
+
+    def _check_state_transfer(self) -> None:
+        result = self.check_device_state()
+        if result != 0:
+            raise BackendRefused(F.CHECK_DEVICE_STATE, result)
+
+    def adopt_address_spaces(self, source: Frontend) -> None:
+        """After loading ``source``'s back-end state into ours: what the VMM migrates of
+        its own (group bindings, rings' groups, what the back-end holds), so that rings
+        use the right ASID and nothing is mapped twice. IOMMUs are attached apart:
+        they belong to each side's guest RAM."""
+        self.group_asid = dict(source.group_asid)
+        self.ring_group = dict(source.ring_group)
+        self.sent_mappings = {asid: list(m) for asid, m in source.sent_mappings.items()}
 
     # -- QEMU's sequences -------------------------------------------------------
     def supported_protocol_features(self) -> int:

@@ -76,6 +76,8 @@ class GuestRam:
 
     ``separate_fds=True`` gives each region its own memfd (mmap offset 0 then,
     except for the guard page); by default all regions share one memfd.
+    ``uva_base``: where the fake user addresses start (another front-end process,
+    e.g. a migration destination, has the same guest memory at other addresses).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class GuestRam:
         *,
         separate_fds: bool = False,
         name: str = "pyvhost-guest-ram",
+        uva_base: int = UVA_BASE,
     ) -> None:
         spans = sorted(layout)
         for (gpa, size), (next_gpa, _) in zip(spans, spans[1:]):
@@ -92,6 +95,7 @@ class GuestRam:
         for gpa, size in spans:
             if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
                 raise GuestRamError(f"region {gpa:#x}+{size:#x} is not page aligned")
+        self.uva_base = uva_base
         self._fds: list[int] = []
         self._mappings: list[mmap.mmap] = []
         self.regions: list[RamRegion] = []
@@ -130,7 +134,7 @@ class GuestRam:
         self, index: int, gpa: int, size: int, fd: int, offset: int, mapping: mmap.mmap
     ) -> None:
         view = memoryview(mapping)[offset : offset + size]
-        user_addr = UVA_BASE + index * UVA_REGION_STRIDE + gpa
+        user_addr = self.uva_base + index * UVA_REGION_STRIDE + gpa
         self.regions.append(RamRegion(index, gpa, size, user_addr, fd, offset, view))
 
     # -- lifetime ------------------------------------------------------------

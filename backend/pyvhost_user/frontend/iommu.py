@@ -195,3 +195,69 @@ class Iommu:
 
     def __len__(self) -> int:
         return len(self._pages)
+
+
+class LinearIommu(Iommu):
+    """``iova = gpa + offset`` over all of guest RAM, computed, never tabulated.
+
+    ``Iommu`` keeps a dict entry per page: right for shuffled tables and guest
+    unmaps, unusable for a 128 GiB guest (33 million pages). This one answers
+    the same questions by arithmetic, and pre-maps in ``chunk``-sized UPDATEs
+    (a VMM maps RAM region by region; hardware pins a GiB at a time), so the
+    migration-flow lab can map huge sparse guests. Its table cannot change.
+    """
+
+    def __init__(self, ram: GuestRam, *, offset: int = IOVA_OFFSET, chunk: int = 1 << 30,
+                 perm: IotlbPerm = IotlbPerm.RW) -> None:
+        super().__init__(ram, mode="offset", offset=offset, perm=perm, map_all=False)
+        if chunk <= 0 or chunk & PAGE_MASK:
+            raise IommuFault(f"chunk {chunk:#x} is not a positive number of pages")
+        self.chunk = chunk
+        self.perm = IotlbPerm(perm)
+
+    def _gpa_of(self, iova: int) -> int:
+        gpa = iova - self.offset
+        try:
+            self.ram.region_of(gpa)
+        except FrontendError:
+            raise IommuFault(f"iova {iova:#x} is not mapped") from None
+        return gpa
+
+    def map(self, iova: int, gpa: int, size: int, perm: IotlbPerm = IotlbPerm.RW) -> None:
+        raise IommuFault("a LinearIommu maps all of RAM, always")
+
+    def unmap(self, iova: int, size: int) -> int:
+        raise IommuFault("a LinearIommu maps all of RAM, always")
+
+    def set_perm(self, iova: int, size: int, perm: IotlbPerm) -> None:
+        raise IommuFault("a LinearIommu maps all of RAM, always")
+
+    def lookup_page(self, iova: int) -> tuple[int, IotlbPerm]:
+        return self._gpa_of(iova & ~PAGE_MASK), self.perm
+
+    def translate(self, iova: int) -> int | None:
+        try:
+            return self._gpa_of(iova)
+        except IommuFault:
+            return None
+
+    def iova(self, gpa: int) -> int:
+        try:
+            self.ram.region_of(gpa)
+        except FrontendError:
+            raise IommuFault(f"gpa {gpa:#x} has no IOVA") from None
+        return gpa + self.offset
+
+    def iova_runs(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        self.iova(gpa)
+        self.iova(gpa + max(length, 1) - 1)
+        return [(gpa + self.offset, length)]
+
+    def entries(self) -> Iterator[IommuEntry]:
+        for region in self.ram.regions:
+            for start in range(region.gpa, region.gpa_end, self.chunk):
+                size = min(self.chunk, region.gpa_end - start)
+                yield IommuEntry(start + self.offset, start, size, self.perm)
+
+    def __len__(self) -> int:
+        return sum(region.size for region in self.ram.regions) // PAGE_SIZE

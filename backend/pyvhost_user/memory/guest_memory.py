@@ -211,6 +211,28 @@ class GuestMemory:
                 return region.guest_phys_addr + (user_addr - region.user_addr)
         raise UnmappedAddress("uva", user_addr, 1, "not in any region")
 
+    def gpa_range_of_uva(self, user_addr: int, length: int) -> int:
+        """The guest physical address of ``[user_addr, user_addr+length)``, which must
+        be one range in guest physical space too (it may cross regions that are
+        adjacent in both); raises ``UnmappedAddress`` otherwise."""
+        if length <= 0:
+            raise UnmappedAddress("uva", user_addr, length, "empty range")
+        start = self.uva_to_gpa(user_addr)
+        cursor, expected_gpa, end = user_addr, start, user_addr + length
+        while cursor < end:
+            i = bisect.bisect_right(self._uva_starts, cursor) - 1
+            region = self._by_uva[i] if i >= 0 else None
+            if region is None or cursor >= region.uva_end:
+                raise UnmappedAddress("uva", user_addr, length, f"{cursor:#x} is in no region")
+            gpa = region.guest_phys_addr + (cursor - region.user_addr)
+            if gpa != expected_gpa:
+                raise UnmappedAddress("uva", user_addr, length,
+                                      f"not contiguous in guest physical space at {cursor:#x}")
+            take = min(end, region.uva_end) - cursor
+            cursor += take
+            expected_gpa += take
+        return start
+
 
 def _overlaps(a: int, a_len: int, b: int, b_len: int) -> bool:
     return a < b + b_len and b < a + a_len

@@ -1,5 +1,8 @@
 """One device IOTLB per address space (ASID): IOVA -> front-end virtual address.
 
+(Entries restored from a migrated device state point at guest physical
+addresses instead: see ``IotlbEntry`` and iotlb_state.py.)
+
 The rules mirror Linux vhost/vDPA (``drivers/vhost/vdpa.c``,
 ``drivers/vdpa/vdpa_sim/vdpa_sim.c``), each in a method named after it:
 
@@ -24,12 +27,13 @@ from __future__ import annotations
 import enum
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sortedcontainers import SortedKeyList
 
 from .errors import GuestMemoryError, UnmappedAddress
-from .guest_memory import GuestMemory
+from .guest_memory import AddressKind, GuestMemory
 
 U64_MASK = (1 << 64) - 1
 PERM_READ = 1
@@ -69,10 +73,20 @@ class IotlbAccessDenied(UnmappedAddress):
 
 @dataclass(frozen=True, slots=True)
 class IotlbEntry:
+    """``[iova, iova+size)`` -> ``target``, with ``perm``.
+
+    ``kind`` says what ``target`` is: "uva", a front-end user address (what an
+    UPDATE carries), or "gpa", a guest physical address (entries restored from
+    a migrated device state, where the source's user addresses mean nothing:
+    see iotlb_state.py). Both resolve through the memory table at each
+    translation, so a "gpa" entry follows whatever table the destination has.
+    """
+
     iova: int
     size: int
-    uaddr: int
+    target: int
     perm: int
+    kind: AddressKind = "uva"
 
     @property
     def last(self) -> int:
@@ -212,6 +226,32 @@ class Iotlb:
             self.passthrough = self.default is DefaultMapping.IDENTITY
             self._changed(touch=False)  # back at its default: nothing left to undo
 
+    def restore(self, passthrough: bool, entries: Sequence[IotlbEntry]) -> None:
+        """Replace the whole table (a migrated device state), in one step.
+
+        ``entries`` must be sorted by IOVA, non-overlapping, each non-empty and
+        not wrapping, and passthrough comes with no entries (iotlb_state.py
+        checks all of it first); they are re-checked here because a wrong table
+        would translate silently.
+        """
+        previous_last = -1
+        for entry in entries:
+            if entry.size <= 0 or entry.last > U64_MASK or entry.iova <= previous_last:
+                raise IotlbError(f"asid {self.asid}: restored entry {entry} is empty, wraps "
+                                 "or overlaps the one before")
+            previous_last = entry.last
+        if passthrough and entries:
+            raise IotlbError(f"asid {self.asid}: passthrough with {len(entries)} entries")
+        table = _new_table()
+        table.update(entries)
+        with self._lock:
+            old, self._entries = self._entries, table
+            _retire(old)
+            self.mapped_bytes = sum(e.size for e in entries)
+            self.passthrough = passthrough
+            # A state that is this ASID's default leaves nothing to undo on disconnect.
+            self._changed(touch=not self.is_default)
+
     def _changed(self, *, touch: bool = True) -> None:
         self.generation += 1
         self.touched = touch
@@ -267,7 +307,7 @@ class Iotlb:
                     f"entry {entry.iova:#x}-{entry.last:#x} grants perm {entry.perm}, needs {perm}",
                 )
             take = min(remaining, entry.last - cursor + 1)
-            pieces.append(("uva", entry.uaddr + (cursor - entry.iova), take))
+            pieces.append((entry.kind, entry.target + (cursor - entry.iova), take))
             cursor += take
             remaining -= take
         return pieces

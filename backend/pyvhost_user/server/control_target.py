@@ -13,6 +13,7 @@ from typing import Any
 
 from ..control.target import ControlError, Event
 from ..memory.iotlb import IotlbError
+from ..recorder import chrome_trace, mermaid_sequence
 from .loop import BackendServer
 from .session import Session
 
@@ -52,8 +53,10 @@ class BackendControl:
             for info, iotlb in zip(session.asids.describe(), session.asids.iotlbs):
                 info["touched"] = iotlb.touched
                 if entries:
+                    # A restored entry points at a guest physical address, not a user one.
                     info["mappings"] = [
-                        {"iova": e.iova, "size": e.size, "uaddr": e.uaddr, "perm": e.perm}
+                        {"iova": e.iova, "size": e.size,
+                         ("uaddr" if e.kind == "uva" else "gpa"): e.target, "perm": e.perm}
                         for e in iotlb.entries()
                     ]
                 out.append(info)
@@ -87,6 +90,8 @@ class BackendControl:
             session = self.server.session
             if session is not None:
                 stats.update(session.counters)
+                stats.update(session.map_cost.describe())
+                stats["reset_map_seconds"] = round(session.reset_map_seconds, 6)
                 for name in ("translations", "misses", "access_denials"):
                     stats[f"iotlb_{name}"] = sum(getattr(t, name) for t in session.asids.iotlbs)
             metrics = getattr(self.server.device, "metrics", None)
@@ -114,6 +119,17 @@ class BackendControl:
                     rings=session.describe_state()["rings"],
                 )
             return status
+
+    def flight_recorder(self, fmt: str, last: int | None) -> Any:
+        recorder = self.server.recorder  # thread-safe on its own: no lock needed
+        if fmt == "summary":
+            return recorder.describe()
+        events = recorder.events(last)
+        title = f"{self.server.device.describe()}: last {len(events)} events"
+        if fmt == "mermaid":
+            return mermaid_sequence(events, title=title)
+        return chrome_trace(events, process=f"back-end {self.server.device.describe()}",
+                            other=recorder.describe())
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         if self._server is None:  # the control socket opens before the back-end listens

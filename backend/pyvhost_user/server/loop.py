@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..devices.base import Device
+from ..recorder import FlightRecorder
 from ..unix_socket import listen_unix
 from ..wire import (
     NEED_DATA,
@@ -31,6 +32,7 @@ from ..wire import (
     MessageReader,
     close_all,
     encode_message,
+    request_name,
 )
 from .options import BackendOptions
 from .session import Disconnect, Session
@@ -73,6 +75,15 @@ class StopRequested(Exception):
     pass
 
 
+# Flight-recorder category of each control event (the rest are life-cycle steps).
+EVENT_CATEGORY = {"MAP": "mapping", "UNMAP": "mapping", "RESET_MAP": "mapping"}
+
+
+def _summary(message: Message, limit: int = 240) -> str:
+    text = str(message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class BackendServer:
     """Serves a device to one front-end at a time on a Unix socket."""
 
@@ -86,11 +97,13 @@ class BackendServer:
         socket_group: str | None = None,
         on_listening: Callable[[], None] | None = None,
         options: BackendOptions | None = None,
+        recorder: FlightRecorder | None = None,
     ) -> None:
         if (socket_path is None) == (fd is None):
             raise ValueError("exactly one of socket_path and fd")
         self.device = device
         self.options = options or BackendOptions()
+        self.recorder = recorder if recorder is not None else FlightRecorder()
         self.socket_path = socket_path
         # Held while a vhost-user message is handled; the control socket takes
         # it too, so an operator's reset-map never interleaves with a message.
@@ -193,7 +206,8 @@ class BackendServer:
         self.sessions_served += 1
         number = self.sessions_served
         log.info("front-end %d connected", number)
-        session = Session(self.device, options=self.options, events=self.emit)
+        session = Session(self.device, options=self.options, events=self.emit,
+                          recorder=self.recorder)
         with self.lock:
             self.session = session
         self.emit("FRONT_END_CONNECTED", {"number": number})
@@ -224,8 +238,10 @@ class BackendServer:
                         break
                     assert isinstance(message, Message)
                     trace.debug("<- %s", message)
+                    started = time.monotonic_ns()
                     with self.lock:
                         answers = session.handle(message)
+                    self._record_request(message, answers, started)
                     for answer in answers:
                         self._send(conn, answer)
         except FramingError as exc:
@@ -282,6 +298,14 @@ class BackendServer:
         except OSError:
             return True
 
+    def _record_request(self, message: Message, answers: list[Message], started: int) -> None:
+        """One span per request, with what was asked and answered (as the trace shows them)."""
+        args: dict[str, Any] = {"request": _summary(message)}
+        if answers:
+            args["answer"] = "; ".join(_summary(a) for a in answers)
+        self.recorder.complete("vhost-user", request_name(message.request), started,
+                               time.monotonic_ns(), **args)
+
     # -- events (control socket) -------------------------------------------
     def subscribe(self, listener: EventListener) -> Callable[[], None]:
         with self._listeners_lock:
@@ -297,6 +321,7 @@ class BackendServer:
     def emit(self, name: str, data: dict[str, Any]) -> None:
         """Called from any thread; listeners must not block."""
         event = {"event": name, "data": data, "time": time.time()}
+        self.recorder.instant(EVENT_CATEGORY.get(name, "life-cycle"), name, **data)
         with self._listeners_lock:
             listeners = list(self._listeners)
         for listener in listeners:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from ..memory.iotlb import DefaultMapping
+from ..memory.map_cost import PUBLISHED_SECONDS_PER_GIB, MapCost
 from ..memory.peer_fd import SealPolicy
 
 
@@ -35,7 +36,13 @@ class BackendOptions:
     # Files the front-end sends to be mapped (guest memory, dirty log, inflight
     # buffer) are sealed against shrinking where possible; REQUIRE refuses the others.
     memory_seal: SealPolicy = SealPolicy.TRY
+    # What mapping for DMA costs (memory/map_cost.py): none, real (populate the
+    # pages) or simulated at a rate, to reproduce hardware's pinning times.
+    map_cost: MapCost = MapCost.NONE
+    map_cost_seconds_per_gib: float = PUBLISHED_SECONDS_PER_GIB
 
     def __post_init__(self) -> None:
+        if not 0 <= self.map_cost_seconds_per_gib <= 3600:
+            raise ValueError(f"--map-cost-rate {self.map_cost_seconds_per_gib} is not in 0..3600")
         if not 1 <= self.num_asids <= 64:
             raise ValueError(f"--num-asids {self.num_asids} is not in 1..64")

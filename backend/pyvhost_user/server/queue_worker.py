@@ -70,6 +70,7 @@ class QueueWorker:
         call_lock: threading.Lock,
         on_broken: Callable[[int, str], None],
         translations: TranslationSource | None = None,
+        on_first_completion: Callable[[int, float], None] | None = None,
     ) -> None:
         self.queue = queue
         self.config = config
@@ -84,11 +85,16 @@ class QueueWorker:
         if config.enabled:
             self._enabled.set()
         self.completed = 0
+        # Called once, from the worker, with (queue, seconds since start): the
+        # "first I/O" step of a restart, which the flight recorder times.
+        self._on_first_completion = on_first_completion
+        self._started_at = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"vq{queue.index}", daemon=True
         )
 
     def start(self) -> None:
+        self._started_at = time.monotonic()
         self._thread.start()
 
     def set_enabled(self, enabled: bool) -> None:
@@ -238,6 +244,8 @@ class QueueWorker:
     def _notify(self) -> None:
         if not self._unsignalled:
             return
+        if not self.completed and self._on_first_completion is not None:
+            self._on_first_completion(self.queue.index, time.monotonic() - self._started_at)
         self.completed += self._unsignalled
         self._unsignalled = 0
         if self.queue.needs_notification():

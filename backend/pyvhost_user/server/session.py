@@ -24,17 +24,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..devices.base import Device, DeviceError
-from ..memory import BadMemoryRegion, DirectSpace, GuestMemory, map_region
+from ..memory import BadMemoryRegion, DirectSpace, GuestMemory, MappedRegion, map_region
 from ..memory.address_spaces import AddressSpaces
 from ..memory.dirty_log import DirtyLog, DirtyLogError
+from ..memory import iotlb_state
 from ..memory.iotlb import DefaultMapping, Iotlb, IotlbError, IotlbSpace
+from ..memory.iotlb_state import IotlbStateError
+from ..memory.map_cost import MapCostError, MapCostModel
+from ..recorder import FlightRecorder
 from ..virtqueue import InvalidQueueConfig, QueueConfig, SplitQueue, signal_eventfd
 from ..virtqueue.inflight import InflightQueue, InflightRegion
 from ..wire import (
     U64,
+    DEVICE_STATE_REPLY_NO_FD,
     AsidIotlbMsg,
     BackendRequest,
     ConfigSpace,
+    DeviceStateDirection,
+    DeviceStateTransfer,
     InflightDescription,
     IotlbMsg,
     LogDescription,
@@ -57,8 +64,11 @@ from ..wire import (
     request,
     request_name,
 )
+from . import device_state
+from .device_state import DeviceState, DeviceStateError
 from .options import BackendOptions, IotlbPersist
 from .queue_worker import QueueWorker
+from .state_transfer import LoadTransfer, SaveTransfer, StateTransfer, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,7 @@ PROTOCOL_FEATURES = int(
     | PF.STATUS
     | PF.INFLIGHT_SHMFD
     | PF.LOG_SHMFD
+    | PF.DEVICE_STATE
     | VPF.ADDRESS_SPACES
     | VPF.IOTLB_PERSIST
 )
@@ -183,10 +194,16 @@ class Session:
         memory: GuestMemory | None = None,
         options: BackendOptions | None = None,
         events: Callable[[str, dict[str, Any]], None] | None = None,
+        recorder: FlightRecorder | None = None,
     ) -> None:
         self.device = device
         self.options = options or BackendOptions()
+        # _emit: events for the control socket (the server records them too);
+        # recorder: steps only the flight recorder keeps (too many for operators).
         self._emit = events or (lambda _name, _data: None)
+        self.recorder = recorder
+        self.map_cost = MapCostModel(self.options.map_cost, self.options.map_cost_seconds_per_gib)
+        self.reset_map_seconds = 0.0  # reset_map is never charged: it is measured
         self.memory = memory or GuestMemory(max_regions=MAX_MEM_SLOTS)
         # Until a front-end says otherwise, it is a stock one: with ACCESS_PLATFORM
         # its ASID 0 is a guest vIOMMU's, so no ASID starts as identity.
@@ -194,6 +211,7 @@ class Session:
             self.memory, [DefaultMapping.EMPTY] * self.options.num_asids, device.num_groups
         )
         self._batch: list[tuple[int, IotlbMsg]] | None = None
+        self._state_transfer: StateTransfer | None = None
         self.inflight: InflightRegion | None = None
         self._dirty_log: DirtyLog | None = None
         self._backend_channel: socket.socket | None = None
@@ -248,6 +266,8 @@ class Session:
             R.SET_LOG_FD: self._set_log_fd,
             R.GET_INFLIGHT_FD: self._get_inflight_fd,
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
+            R.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            R.CHECK_DEVICE_STATE: self._check_device_state,
             VR.GET_NUM_ASIDS: self._get_num_asids,
             VR.GET_VRING_GROUP: self._get_vring_group,
             VR.SET_GROUP_ASID: self._set_group_asid,
@@ -292,14 +312,23 @@ class Session:
                 "closing the connection rather than answer with a made-up one"
             )
         if message.need_reply or self._reply_due_unasked(code):
-            return [ack(code, False)]
+            return [self._failure(code)]
         return []
 
     def _reply_due_unasked(self, code: int) -> bool:
         # With LOG_SHMFD, QEMU reads a reply to SET_LOG_BASE although it sets no
         # NEED_REPLY; without it no reply is due, and a stray one would be taken
-        # as the answer to the next request.
+        # as the answer to the next request. Likewise the device state requests.
+        if code in (R.SET_DEVICE_STATE_FD, R.CHECK_DEVICE_STATE):
+            return bool(self.acked_protocol_features & PF.DEVICE_STATE)
         return code == R.SET_LOG_BASE and bool(self.acked_protocol_features & PF.LOG_SHMFD)
+
+    def _failure(self, code: int) -> Message:
+        if code == R.SET_DEVICE_STATE_FD and self._reply_due_unasked(code):
+            # Its own u64, not an ack: an error in bits 0-7, and the no-fd bit, as a
+            # failure returns no fd (vhost-user.rst).
+            return reply(code, U64(DEVICE_STATE_REPLY_NO_FD | 1))
+        return ack(code, False)
 
     def refuse_malformed(self, code: int, flags: int) -> list[Message]:
         """Answer a message the wire layer could not decode (its bytes were consumed)."""
@@ -312,7 +341,7 @@ class Session:
         if code in HAS_REPLY or code == R.GET_CONFIG:
             raise Disconnect(f"malformed {_name(code)}: the front-end waits for a reply")
         need_reply = bool(flags & 0x8)
-        return [ack(code, False)] if need_reply or self._reply_due_unasked(code) else []
+        return [self._failure(code)] if need_reply or self._reply_due_unasked(code) else []
 
     def _check_gates(self, message: Message) -> None:
         code = message.request
@@ -420,6 +449,8 @@ class Session:
             raise Refused(m.request, str(exc)) from None
         finally:
             m.close_fds()  # mapped regions keep the memory; the fds are not needed
+        for region in table.regions:
+            self._charge_table_region(m.request, region)
         self.memory.clear()
         for region in table.regions:
             self.memory.add(region)
@@ -439,7 +470,25 @@ class Session:
             raise Refused(m.request, str(exc)) from None
         finally:
             m.close_fds()
+        try:
+            self._charge_table_region(m.request, mapped)
+        except Refused:
+            self.memory.remove(mapped.guest_phys_addr, mapped.size, mapped.user_addr)
+            raise
         log.info("memory region added: %s", mapped.describe())
+
+    def _charge_table_region(self, code: int, region: MappedRegion) -> None:
+        """Without an IOTLB the memory table is the device's DMA mapping: it costs
+        what the map-cost model says (with one, the IOTLB updates are charged)."""
+        if self.access_platform:
+            return
+        try:
+            took = self.map_cost.charge(region.size, lambda: [region.slice(0, region.size)])
+        except MapCostError as exc:
+            raise Refused(code, str(exc)) from None
+        if took and self.recorder is not None:
+            self.recorder.instant("mapping", "MAP_REGION", gpa=region.guest_phys_addr,
+                                  size=region.size, map_seconds=took)
 
     def _rem_mem_reg(self, m: Message) -> None:
         assert isinstance(m.payload, SingleMemRegion)
@@ -592,9 +641,12 @@ class Session:
         ring.broken_reason = None
         c.broken = False
         ring.worker = QueueWorker(
-            queue, c, self.device, ring.call_lock, self._ring_broken, translations=self
+            queue, c, self.device, ring.call_lock, self._ring_broken, translations=self,
+            on_first_completion=self._first_io,
         )
         ring.worker.start()
+        self._emit("RING_STARTED", {"queue": c.index, "size": c.size, "base": c.base,
+                                    "enabled": c.enabled})
         log.info(
             "ring %d started: size %d base %d used %d %s",
             c.index,
@@ -609,12 +661,20 @@ class Session:
             return
         worker, ring.worker = ring.worker, None
         ring.config.base = worker.stop()
+        self._emit("RING_STOPPED", {"queue": ring.config.index, "base": ring.config.base,
+                                    "served": worker.completed})
         log.info(
             "ring %d stopped at avail index %d (%d requests served)",
             ring.config.index,
             ring.config.base,
             worker.completed,
         )
+
+    def _first_io(self, index: int, after_start: float) -> None:
+        """Called from a worker thread: its first completion since the ring started."""
+        if self.recorder is not None:
+            self.recorder.instant("io", "FIRST_IO", queue=index,
+                                  ms_after_ring_start=round(after_start * 1000, 3))
 
     def _ring_broken(self, index: int, reason: str) -> None:
         """Called from a worker thread: the driver broke the ring."""
@@ -717,6 +777,7 @@ class Session:
     # -- end of connection -------------------------------------------------------
     def close(self) -> None:
         """The front-end went away: stop rings, release fds and mappings."""
+        self._end_state_transfer("the front-end disconnected")
         for ring in self.rings:
             self._stop_ring(ring)
             ring.config.close_fds()
@@ -800,6 +861,87 @@ class Session:
         log.info("inflight buffer set: %d queue(s) of %d, %d request(s) recorded in flight",
                  p.num_queues, p.queue_size, in_flight)
 
+    # -- device state transfer (live migration) -------------------------------------
+    def _set_device_state_fd(self, m: Message) -> Message:
+        """Start saving or loading the back-end's state through the front-end's fd.
+
+        We always use the front-end's channel (one of ours would be a pipe too,
+        no faster), so the reply has the no-fd bit. A save takes the state here;
+        the bytes move on a thread (state_transfer.py); a load is checked and
+        applied at CHECK_DEVICE_STATE, all or nothing.
+        """
+        p = m.payload
+        assert isinstance(p, DeviceStateTransfer)
+        running = [r.config.index for r in self.rings if r.started]
+        if running:
+            raise Refused(m.request, f"rings {running} are running: the device state moves "
+                          "only while every ring is stopped")
+        self._end_state_transfer("replaced by a new SET_DEVICE_STATE_FD")
+        try:
+            transfer: StateTransfer
+            if p.direction == DeviceStateDirection.SAVE:
+                transfer = SaveTransfer(m.fds[0], device_state.encode(self._capture_state()))
+            else:
+                transfer = LoadTransfer(m.fds[0], device_state.MAX_STATE_BYTES)
+        except (TransferError, DeviceStateError, IotlbStateError) as exc:
+            raise Refused(m.request, f"device state {_direction(p)}: {exc}") from None
+        m.fds = ()  # the transfer closes it
+        transfer.start()
+        self._state_transfer = transfer
+        log.info("device state %s started", _direction(p))
+        return reply(m.request, U64(DEVICE_STATE_REPLY_NO_FD))
+
+    def _capture_state(self) -> DeviceState:
+        # Address spaces exist for the extension's front-end only: a stock one
+        # rebuilds its IOTLB through misses, as it expects to.
+        spaces = iotlb_state.capture(self.asids) if self.extension_acked else None
+        return DeviceState(self.device.export_state(), spaces)
+
+    def _check_device_state(self, m: Message) -> Message:
+        transfer, self._state_transfer = self._state_transfer, None
+        if transfer is None:
+            raise Refused(m.request, "no device state transfer to check")
+        what = "save" if isinstance(transfer, SaveTransfer) else "load"
+        outcome = transfer.finish()
+        if outcome.error is not None:
+            raise Refused(m.request, f"device state {what} failed: {outcome.error}")
+        if isinstance(transfer, LoadTransfer):
+            self._load_device_state(m.request, outcome.data)
+        else:
+            log.info("device state saved")
+        return reply(m.request, U64(0))
+
+    def _load_device_state(self, code: int, data: bytes) -> None:
+        """Check all of it, then apply all of it: a refused state changes nothing."""
+        running = [r.config.index for r in self.rings if r.started]
+        if running:
+            raise Refused(code, f"device state load: rings {running} started during the transfer")
+        try:
+            state = device_state.decode(data)
+            self.device.check_state(state.device)
+            spaces = state.address_spaces
+            if spaces is not None:
+                if not self.extension_acked:
+                    raise DeviceStateError("it carries address spaces and this front-end did "
+                                           "not negotiate the address-space extension")
+                iotlb_state.check_restorable(spaces, self.asids)
+        except (DeviceStateError, DeviceError, IotlbStateError) as exc:
+            raise Refused(code, f"device state load refused: {exc}") from None
+        self.device.import_state(state.device)
+        if spaces is not None:
+            iotlb_state.restore(self.asids, spaces)
+        log.info("device state loaded (%d bytes): %s", len(data),
+                 "no address spaces" if spaces is None else
+                 f"{spaces.entry_count} IOTLB entries in {len(spaces.iotlbs)} ASIDs, groups bound "
+                 f"to ASIDs {list(spaces.group_asid)}"
+                 + ("" if len(self.memory) else " (resolved against the memory table to come)"))
+
+    def _end_state_transfer(self, why: str) -> None:
+        transfer, self._state_transfer = self._state_transfer, None
+        if transfer is not None:
+            transfer.cancel()
+            log.info("device state transfer ended unchecked: %s", why)
+
     # -- IOTLB ---------------------------------------------------------------------
     def iotlb(self, asid: int) -> Iotlb:
         return self.asids.iotlb(asid)
@@ -813,6 +955,9 @@ class Session:
         sent = self._send_iotlb_event(IotlbType.MISS, asid, iova, perm)
         if sent:
             self.counters["iotlb_misses_sent"] += 1
+        if self.recorder is not None:
+            self.recorder.instant("mapping", "IOTLB_MISS", asid=asid, iova=iova, perm=perm,
+                                  sent=sent)
         return sent
 
     def send_access_fail(self, asid: int, iova: int, perm: int) -> bool:
@@ -854,9 +999,16 @@ class Session:
                 if iotlb.has_entry(msg.iova, msg.size, msg.uaddr, int(msg.perm)):
                     return  # QEMU may answer two misses on one page with two updates
                 iotlb.update_refusing_overlap(msg.iova, msg.size, msg.uaddr, int(msg.perm))
+                try:
+                    took = self.map_cost.charge(
+                        msg.size, lambda: self.memory.views("uva", msg.uaddr, msg.size))
+                except MapCostError as exc:
+                    iotlb.invalidate_overlapping_whole(msg.iova, msg.size)  # just this entry
+                    raise Refused(code, str(exc)) from None
                 self.counters["iotlb_updates"] += 1
                 self._emit("MAP", {"asid": asid, "iova": msg.iova, "size": msg.size,
-                                   "uaddr": msg.uaddr, "perm": int(msg.perm)})
+                                   "uaddr": msg.uaddr, "perm": int(msg.perm),
+                                   "map_seconds": took})
             elif msg.type == IotlbType.INVALIDATE:
                 removed = iotlb.invalidate_overlapping_whole(msg.iova, msg.size)
                 self.counters["iotlb_invalidates"] += 1
@@ -936,6 +1088,7 @@ class Session:
         iotlb.reset_map()
         cost = time.perf_counter() - started
         self.counters["reset_maps"] += 1
+        self.reset_map_seconds += cost
         result = {"asid": asid, "entries_dropped": before["entries"],
                   "bytes_unmapped": before["mapped_bytes"], "seconds": cost}
         self._emit("RESET_MAP", {"asids": [asid], "cause": cause, **result})
@@ -976,3 +1129,7 @@ def _require_eventfd(code: int, fd: int, what: str) -> None:
 
 def _name(code: int) -> str:
     return request_name(code)
+
+
+def _direction(p: DeviceStateTransfer) -> str:
+    return "save" if p.direction == DeviceStateDirection.SAVE else "load"

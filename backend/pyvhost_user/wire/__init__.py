@@ -16,7 +16,11 @@ from .codec import (
 )
 from .extension import AsidIotlbMsg, VendorProtocolFeature, VendorRequest
 from .constants import (
+    DEVICE_STATE_REPLY_ERROR_MASK,
+    DEVICE_STATE_REPLY_NO_FD,
     BackendRequest,
+    DeviceStateDirection,
+    DeviceStatePhase,
     FrontendRequest,
     HeaderFlag,
     IotlbPerm,

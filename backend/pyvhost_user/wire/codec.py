@@ -32,6 +32,8 @@ from .constants import (
     MAX_PAYLOAD_SIZE,
     REPLY_FLAGS,
     VERSION,
+    DEVICE_STATE_REPLY_ERROR_MASK,
+    DEVICE_STATE_REPLY_NO_FD,
     BackendRequest,
     FrontendRequest,
     HeaderFlag,
@@ -88,6 +90,15 @@ def _zero_or_one_fd(_p: Payload) -> tuple[int, int]:
     return (0, 1)
 
 
+def _device_state_reply_fds(p: Payload) -> tuple[int, int]:
+    # An fd comes back only with success and the no-fd bit clear: the back-end's
+    # own channel, which the front-end must then use instead of its own.
+    assert isinstance(p, U64)
+    if p.value & (DEVICE_STATE_REPLY_ERROR_MASK | DEVICE_STATE_REPLY_NO_FD):
+        return (0, 0)
+    return (1, 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """What a request carries, and what its reply carries."""
@@ -135,7 +146,9 @@ FRONTEND_LAYOUTS: Final[dict[int, Layout]] = {
     F.REM_MEM_REG: Layout(SingleMemRegion, request_fds=_zero_or_one_fd),
     F.SET_STATUS: Layout(U64),
     F.GET_STATUS: Layout(Empty, U64),
-    F.SET_DEVICE_STATE_FD: Layout(DeviceStateTransfer, U64, request_fds=_one_fd),
+    F.SET_DEVICE_STATE_FD: Layout(
+        DeviceStateTransfer, U64, request_fds=_one_fd, reply_fds=_device_state_reply_fds
+    ),
     F.CHECK_DEVICE_STATE: Layout(Empty, U64),
 }
 

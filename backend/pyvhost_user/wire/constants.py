@@ -130,3 +130,20 @@ class IotlbPerm(enum.IntFlag):
 VRING_FILE_INDEX_MASK = 0xFF
 VRING_FILE_NOFD = 1 << 8
 VRING_ADDR_F_LOG = 1 << 0
+
+
+class DeviceStateDirection(enum.IntEnum):
+    """SET_DEVICE_STATE_FD: which way the back-end's state goes through the fd."""
+
+    SAVE = 0  # back-end -> front-end (migration source)
+    LOAD = 1  # front-end -> back-end (migration destination)
+
+
+class DeviceStatePhase(enum.IntEnum):
+    STOPPED = 0  # every ring stopped (the "suspended" device); the only phase defined
+
+
+# The u64 reply of SET_DEVICE_STATE_FD: bits 0-7 are 0 on success, bit 8 says the
+# back-end returns no fd of its own (the front-end keeps using the one it sent).
+DEVICE_STATE_REPLY_ERROR_MASK = 0xFF
+DEVICE_STATE_REPLY_NO_FD = 1 << 8

@@ -17,6 +17,8 @@ from .constants import (
     MAX_MEM_TABLE_REGIONS,
     VRING_FILE_INDEX_MASK,
     VRING_FILE_NOFD,
+    DeviceStateDirection,
+    DeviceStatePhase,
     IotlbPerm,
     IotlbType,
 )
@@ -398,9 +400,9 @@ class DeviceStateTransfer:
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def __post_init__(self) -> None:
-        if self.direction not in (0, 1):
+        if self.direction not in DeviceStateDirection._value2member_map_:
             raise FieldValueError(f"device state direction {self.direction} is unknown")
-        if self.phase != 0:
+        if self.phase not in DeviceStatePhase._value2member_map_:
             raise FieldValueError(f"device state phase {self.phase} is unknown")
 
     @classmethod

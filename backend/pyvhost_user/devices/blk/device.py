@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from ...virtqueue.chain import DescriptorChain
 from ..base import Device, DeviceError
@@ -97,6 +98,16 @@ class BlkDevice(Device):
             # sizeof); what is past the end reads as zero.
             return (self._config_bytes + bytes(offset + size))[offset : offset + size]
         return self._config_bytes[offset : offset + size]
+
+    def export_state(self) -> dict[str, Any]:
+        # No volatile state: the config space is read-only (no CONFIG_WCE offered),
+        # so only what the driver relies on travels, for the destination to compare.
+        return {
+            **super().export_state(),
+            "capacity_sectors": self.capacity_sectors,
+            "read_only": self.read_only,
+            "num_queues": self.num_queues,
+        }
 
     def describe(self) -> str:
         mode = "read-only" if self.read_only else "read-write"
