@@ -3,7 +3,8 @@
 # Idempotent, and fast when everything is already there.
 #
 #   1. Debian packages: QEMU 7.2 (qemu-system-x86, whose qemu-system-common has
-#      qemu-storage-daemon; qemu-utils), cpio, kmod, python3-venv.
+#      qemu-storage-daemon; qemu-utils), cpio, kmod, python3-venv, iproute2 (`ip`:
+#      the migration test's two hosts are network namespaces).
 #   2. .venv at the repository root with `pip install -e '.[test]'`.
 #   3. QEMU 10.0 from bookworm-backports (qemu-system-x86, -common, -data and
 #      qemu-utils, which has its qemu-storage-daemon), unpacked (dpkg -x, never
@@ -19,7 +20,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${PYVHOST_USER_CACHE:-$HOME/.cache/pyvhost-user}
 QEMU10_DIR=$CACHE/qemu-10.0
 QEMU10_VERSION_PREFIX="1:10.0."
-APT_PACKAGES=(qemu-system-x86 qemu-utils cpio kmod python3-venv python3 gzip)
+APT_PACKAGES=(qemu-system-x86 qemu-utils cpio kmod python3-venv python3 gzip iproute2)
 
 DO_VENV=1 DO_QEMU10=1 DO_GUEST=1
 for arg in "$@"; do

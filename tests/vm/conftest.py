@@ -8,6 +8,11 @@
 - ``machine_factory(qemu_version, disks=[...], steps=[...], **Machine kwargs)``
   -> a started Machine, shut down at teardown.
 - ``sock_dir``: a short directory for Unix sockets (paths are limited to 107 bytes).
+- ``veth_hosts()`` -> VethHosts: two network namespaces joined by a veth pair
+  (10.77.0.1/24 and 10.77.0.2/24); run QEMU or a back-end there with
+  ``command_prefix=hosts.a.prefix``. Removed at teardown, also after a
+  failure; request this fixture before ``machine_factory`` and
+  ``backend_factory`` so that it is torn down after their processes.
 
 Missing QEMU or guest image make these fixtures fail (never skip): run
 scripts/setup.sh. On a failed test the report gets the tails of the serial
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from pyvhost_user.launch import Machine, find_qemu, guest_image
+from pyvhost_user.launch.netns import VethHosts
 
 QEMU_VERSIONS = ("7.2", "10.0")
 BACKEND_START_TIMEOUT = 20.0
@@ -117,8 +123,47 @@ def machine_factory(request, tmp_path, guest_kernel_initrd):
         m.shutdown()
 
 
+@pytest.fixture
+def veth_hosts():
+    """Factory: VethHosts (see pyvhost_user.launch.netns); needs root."""
+    made: list[VethHosts] = []
+
+    def make(**kwargs) -> VethHosts:
+        hosts = VethHosts.create(**kwargs)
+        made.append(hosts)
+        return hosts
+
+    yield make
+    problems = []
+    for hosts in made:
+        # A process still inside would keep its namespace, and the veth in it,
+        # alive after the delete: the fixtures that started it must have ended it.
+        left = {ns: pids for ns, pids in hosts.pids().items() if pids}
+        if left:
+            problems.append(f"processes still in the namespaces: {left}")
+        try:
+            hosts.remove()
+        except Exception as e:
+            problems.append(str(e))
+    assert not problems, "; ".join(problems)
+
+
 def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The "migration" properties tests recorded (record_property): measured
+    times and attempts, shown without -s."""
+    lines = [f"{report.nodeid}: {value}"
+             for key in ("passed", "failed")
+             for report in terminalreporter.stats.get(key, [])
+             if report.when == "call"
+             for name, value in report.user_properties if name == "migration"]
+    if lines:
+        terminalreporter.section("migration")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -10,6 +10,9 @@ Used by tests and scripts; imports nothing else from pyvhost_user.
 - seqwrite: records of the guest's "seqwrite" step, its acks, image checks
 - backends: start_backend(), kill_backend(), restart_backend(), freeze_backend(),
   thaw_backend(), frozen_busy()
+- netns: VethHosts (two network namespaces joined by a veth pair), netns_exec()
+
+Machine and start_backend take ``command_prefix`` (e.g. netns_exec(name)).
 """
 
 from .guest import (

@@ -4,6 +4,11 @@ One launcher for tests, demos and benchmarks, so that every comparison runs
 both back-ends the same way. A back-end is ready when its socket path exists:
 ours creates it only once listening; qemu-storage-daemon creates it at bind,
 just before listening, and QEMU and our front-end retry a refused connect.
+
+``command_prefix`` puts words in front of the back-end's argv, e.g.
+``netns.netns_exec(name)`` to run it in a network namespace; the prefix must
+exec the program (as ``ip netns exec`` does), so that the pid, the signals
+and the exit status are the back-end's own.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +46,7 @@ class BackendProcess:
     num_queues: int = 1
     read_only: bool = False
     extra_args: tuple[str, ...] = ()
+    command_prefix: tuple[str, ...] = ()
 
     def device(self, **options: object) -> VhostUserBlk:
         """The matching vhost-user-blk-pci device for a ``Machine``."""
@@ -116,17 +123,20 @@ def start_backend(
     log_path: str | os.PathLike[str] | None = None,
     extra_args: tuple[str, ...] = (),
     timeout: float = START_TIMEOUT,
+    command_prefix: Sequence[str] = (),
 ) -> BackendProcess:
-    """Start a back-end and return once its socket exists (or raise ``BackendError``)."""
+    """Start a back-end and return once its socket exists (or raise ``BackendError``).
+
+    ``command_prefix``: words before the command (see the module docstring)."""
     image, socket_path = Path(image), Path(socket_path)
     log_path = Path(log_path) if log_path else socket_path.with_suffix(".log")
-    command = backend_command(
+    command = [*command_prefix, *backend_command(
         kind, image, socket_path, read_only=read_only, num_queues=num_queues, extra_args=extra_args
-    )
+    )]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     backend = BackendProcess(kind, socket_path, image, process, log_path, num_queues, read_only,
-                             tuple(extra_args))
+                             tuple(extra_args), tuple(command_prefix))
     deadline = time.monotonic() + timeout
     # Bounded poll for the socket: neither back-end has another readiness signal.
     while not socket_path.exists():
@@ -214,12 +224,12 @@ def restart_backend(
     log_path: str | os.PathLike[str] | None = None,
     timeout: float = START_TIMEOUT,
 ) -> BackendProcess:
-    """A new back-end like ``backend`` (kind, image, socket, options) once it has
-    exited (see kill_backend); ``log_path``: its own log (default: the old one,
-    overwritten)."""
+    """A new back-end like ``backend`` (kind, image, socket, options, command
+    prefix) once it has exited (see kill_backend); ``log_path``: its own log
+    (default: the old one, overwritten)."""
     if backend.process.poll() is None:
         raise BackendError(f"{backend.kind} back-end (pid {backend.pid}) is still running")
     return start_backend(
         backend.kind, backend.image, backend.socket_path, read_only=backend.read_only,
         num_queues=backend.num_queues, log_path=log_path or backend.log_path,
-        extra_args=backend.extra_args, timeout=timeout)
+        extra_args=backend.extra_args, timeout=timeout, command_prefix=backend.command_prefix)

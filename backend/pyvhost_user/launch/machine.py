@@ -162,6 +162,9 @@ class Machine:
     ``iommu_options``), every disk behind it (iommu_platform=on, ats=on,
     disable-legacy=on; see VhostUserBlk.iommu) and ``intel_iommu=on`` on the
     guest kernel line.  q35 only.
+    command_prefix: words before QEMU's command, e.g. netns.netns_exec(name)
+    to run it in a network namespace; the prefix must exec QEMU (as ``ip
+    netns exec`` does) so that ``pid``, signals and the exit code are QEMU's.
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class Machine:
         iommu_options: dict[str, Any] | None = None,
         name: str = "vm",
         die_with_parent: bool = True,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.qemu = qemu if isinstance(qemu, QemuBinary) else find_qemu(qemu)
         self.name = name
@@ -222,6 +226,7 @@ class Machine:
         self.memory, self.machine_type, self.smp, self.accel = memory, machine_type, smp, accel
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
+        self.command_prefix = list(command_prefix)
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self._log_file = None
@@ -267,7 +272,15 @@ class Machine:
         return a + self.extra_args
 
     def command(self) -> list[str]:
-        return self.qemu.command(*self.args())
+        """The whole argv: command prefix, QEMU binary, its base args, args()."""
+        return [*self.command_prefix, *self.qemu.command(*self.args())]
+
+    @property
+    def ram_size(self) -> int:
+        """Guest RAM in bytes (``memory``: a number with an optional K/M/G/T suffix)."""
+        text = self.memory.strip().upper().removesuffix("B")
+        shift = {"K": 10, "M": 20, "G": 30, "T": 40}.get(text[-1:], 0)
+        return int(text[:-1] if shift else text) << shift
 
     # ---- life cycle ---------------------------------------------------------
 
@@ -554,6 +567,33 @@ class Machine:
         if len(values) != count:
             raise MachineError(f"xp at {gpa:#x}: {count} values expected, got {out!r}")
         return values
+
+    def pmemsave(self, path: str | os.PathLike, start: int = 0, size: int | None = None,
+                 timeout: float = 120.0) -> Path:
+        """Write guest physical memory [start, start + size) to ``path`` (QMP
+        ``pmemsave``; QEMU writes the file). ``size`` defaults to the RAM size,
+        which is all of RAM when it lies below the PCI hole (q35: less than
+        2.75 GiB of RAM).
+        Works in every run state, e.g. on a migration source in "postmigrate"
+        and on a destination kept paused with -S."""
+        path = Path(path)
+        self.qmp_command("pmemsave", timeout=timeout, val=int(start),
+                         size=int(self.ram_size if size is None else size),
+                         filename=os.fspath(path.absolute()))
+        return path
+
+    def wait_for_status(self, *statuses: str, timeout: float = 30.0) -> str:
+        """Poll QMP ``query-status`` until the run state is one of ``statuses``
+        (e.g. "postmigrate", "paused", "running"); that state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp_command("query-status", timeout=timeout)["status"]
+            if status in statuses:
+                return status
+            if time.monotonic() >= deadline:
+                raise MachineTimeout(self.describe(
+                    f"run state {status!r}, not {' or '.join(statuses)}, after {timeout} s"))
+            time.sleep(POLL_INTERVAL)
 
     def wait_for_event(self, name: str, timeout: float = 30.0, *, count: int = 1) -> dict:
         """Wait until ``count`` QMP events called ``name`` arrived; the last one."""
