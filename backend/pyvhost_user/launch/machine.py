@@ -40,7 +40,12 @@ UNIX_PATH_MAX = 107
 # IOTLB_MSG updates (asking QEMU with IOTLB misses on the back-end channel).
 VIOMMU_DEVICE = {"intremap": True, "device-iotlb": True}
 VIOMMU_DISK_OPTIONS = {"iommu_platform": True, "ats": True, "disable-legacy": True}
-VIOMMU_KERNEL_ARGS = ("intel_iommu=on",)
+# no_timer_check: with interrupt remapping, Linux panics ("timer doesn't work
+# through Interrupt-remapped IO-APIC") when its boot-time timer check sees too
+# few ticks in its window, which a TCG guest on a loaded host does (seen in CI).
+VIOMMU_KERNEL_ARGS = ("intel_iommu=on", "no_timer_check")
+# virtio-pci properties of type OnOffAuto (QMP wants "on"/"off" there).
+_ON_OFF_AUTO = frozenset({"disable-legacy", "disable-modern"})
 
 
 class MachineError(RuntimeError):
@@ -94,32 +99,55 @@ class VhostUserBlk:
     # Behind the machine's vIOMMU (iommu_platform, ats, disable-legacy): None
     # follows Machine(viommu=...); False keeps a device out of it on such a machine.
     iommu: bool | None = None
+    # Behind a pcie-root-port of its own even without a vIOMMU: on q35 only a
+    # device behind a port can be hot-unplugged (device_del) and plugged back.
+    root_port: bool = False
+
+    def device_id(self, index: int) -> str:
+        return self.id or f"blk{index}"
+
+    def chardev_id(self, index: int) -> str:
+        return f"char-{self.device_id(index)}"
+
+    def device_options(self, index: int, *, viommu: bool = False) -> dict[str, Any]:
+        """The vhost-user-blk-pci properties (id, chardev, num-queues, the vIOMMU
+        options and the root port's bus), as -device or QMP device_add takes them."""
+        dev_id = self.device_id(index)
+        options: dict[str, Any] = {"id": dev_id, "chardev": self.chardev_id(index),
+                                   "num-queues": self.num_queues}
+        options.update(self.options)
+        if self._behind_iommu(viommu):
+            for k, v in VIOMMU_DISK_OPTIONS.items():
+                options.setdefault(k, v)
+        if self._needs_root_port(viommu) and "bus" not in self.options:
+            options["bus"] = f"rp-{dev_id}"
+        return options
+
+    def _behind_iommu(self, viommu: bool) -> bool:
+        return bool(self.iommu or (self.iommu is None and viommu))
+
+    def _needs_root_port(self, viommu: bool) -> bool:
+        return "bus" not in self.options and (self.root_port or self._behind_iommu(viommu))
 
     def args(self, index: int, *, viommu: bool = False) -> list[str]:
         """-chardev and -device words; ``viommu``: the machine has a vIOMMU."""
-        dev_id = self.id or f"blk{index}"
-        chardev = f"char-{dev_id}"
+        dev_id = self.device_id(index)
+        chardev = self.chardev_id(index)
         sock = os.fspath(self.socket)
         if len(sock.encode()) > UNIX_PATH_MAX:
             raise ValueError(f"socket path longer than {UNIX_PATH_MAX} bytes: {sock}")
         chr_opts = f"socket,id={chardev},path={_opt(sock)}"
         if self.reconnect is not None:
             chr_opts += f",reconnect={int(self.reconnect)}"
-        dev = f"vhost-user-blk-pci,id={dev_id},chardev={chardev},num-queues={self.num_queues}"
-        options = dict(self.options)
-        behind_iommu = bool(self.iommu or (self.iommu is None and viommu))
-        if behind_iommu:
-            for k, v in VIOMMU_DISK_OPTIONS.items():
-                options.setdefault(k, v)
         root_port: list[str] = []
-        if behind_iommu and "bus" not in options:
+        if self._needs_root_port(viommu):
             # ATS needs a PCI Express device: QEMU makes a virtio device one only
             # behind a port, never on the root bus (there ats=on does nothing).
-            port = f"rp-{dev_id}"
-            root_port = ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={index + 1}"]
-            options["bus"] = port
-        for k, v in options.items():
-            dev += f",{k}={_opt(v)}"
+            # A port is also what makes the device hot-pluggable on q35.
+            root_port = ["-device",
+                         f"pcie-root-port,id=rp-{dev_id},bus=pcie.0,chassis={index + 1}"]
+        dev = "vhost-user-blk-pci" + "".join(
+            f",{k}={_opt(v)}" for k, v in self.device_options(index, viommu=viommu).items())
         return ["-chardev", chr_opts, *root_port, "-device", dev]
 
 
@@ -192,6 +220,7 @@ class Machine:
         name: str = "vm",
         die_with_parent: bool = True,
         command_prefix: Sequence[str] = (),
+        serial_input: bool = False,
     ) -> None:
         self.qemu = qemu if isinstance(qemu, QemuBinary) else find_qemu(qemu)
         self.name = name
@@ -199,7 +228,14 @@ class Machine:
             workdir = tempfile.mkdtemp(prefix=f"pvu-{name}-")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.serial_log = self.workdir / f"{name}-serial.log"
+        self.serial_input = serial_input
+        # With serial_input, a "pipe" chardev: QEMU reads the console's input
+        # from <base>.in (a FIFO, fed by send_serial) and writes its output to
+        # <base>.out (a plain file here); 7.2's "file" chardev takes no input path.
+        self._serial_base = self.workdir / f"{name}-serial"
+        self.serial_log = (self._serial_base.with_name(f"{name}-serial.out") if serial_input
+                           else self.workdir / f"{name}-serial.log")
+        self._serial_in_fd: int | None = None
         self.qemu_log = self.workdir / f"{name}-qemu.log"   # QEMU's stdout + stderr
         self.qmp_socket: Path | None = None
         if qmp:
@@ -256,7 +292,8 @@ class Machine:
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
             "-append", self.kernel_cmdline,
-            "-chardev", f"file,id=serial0,path={_opt(self.serial_log)}",
+            "-chardev", (f"pipe,id=serial0,path={_opt(self._serial_base)}" if self.serial_input
+                         else f"file,id=serial0,path={_opt(self.serial_log)}"),
             "-serial", "chardev:serial0",
         ]
         if not self.reboot:
@@ -298,6 +335,13 @@ class Machine:
         if self.qmp_socket is not None:
             self.qmp_socket.unlink(missing_ok=True)
         self.serial_log.touch()
+        if self.serial_input:
+            fifo = self._serial_base.with_name(f"{self.name}-serial.in")
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo, 0o600)
+            # Held open read-write: QEMU's open of the FIFO then never blocks,
+            # and the input stays queued until QEMU reads it.
+            self._serial_in_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._log_file = open(self.qemu_log, "wb")
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.qemu.env.items())
         self._log_file.write(
@@ -408,6 +452,9 @@ class Machine:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._serial_in_fd is not None:
+            os.close(self._serial_in_fd)
+            self._serial_in_fd = None
 
     # ---- serial console -------------------------------------------------------
 
@@ -423,6 +470,13 @@ class Machine:
             self._serial_pos += len(data)
             self._serial += self._decoder.decode(data)
         return self._serial
+
+    def send_serial(self, text: str) -> None:
+        """Type ``text`` on the guest's console (Machine(serial_input=True)), e.g.
+        the line that lets the guest's ``hold`` step go on."""
+        if self._serial_in_fd is None:
+            raise MachineError("machine not started with serial_input=True")
+        os.write(self._serial_in_fd, text.encode())
 
     def results(self) -> list[BootResults]:
         """parse_results() of the serial console: one dict per boot."""
@@ -608,3 +662,32 @@ class Machine:
                     raise MachineTimeout(self.describe(
                         f"timeout ({timeout} s) waiting for QMP event {name} x{count}"))
                 self._events_cond.wait(min(remaining, 0.5))
+
+    # ---- hot-plug -----------------------------------------------------------------
+
+    def device_del(self, device_id: str, timeout: float = 30.0) -> None:
+        """Hot-unplug a device (QMP device_del) and wait for its DEVICE_DELETED
+        event: the guest has released it and QEMU has removed it. Its chardev
+        stays, ready for device_add."""
+        before = sum(1 for e in self.events if e.get("event") == "DEVICE_DELETED"
+                     and e.get("data", {}).get("device") == device_id)
+        self.qmp_command("device_del", timeout=timeout, id=device_id)
+        deadline = time.monotonic() + timeout
+        with self._events_cond:
+            while sum(1 for e in self.events if e.get("event") == "DEVICE_DELETED"
+                      and e.get("data", {}).get("device") == device_id) <= before:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MachineTimeout(self.describe(
+                        f"no DEVICE_DELETED for {device_id} within {timeout} s"))
+                self._events_cond.wait(min(remaining, 0.5))
+
+    def device_add(self, disk: VhostUserBlk, index: int, timeout: float = 30.0) -> None:
+        """Plug disk ``index`` (of ``disks``) back in with QMP device_add, on its
+        chardev and root port as at start."""
+        options = disk.device_options(index, viommu=self.viommu)
+        for k in _ON_OFF_AUTO & options.keys():
+            # OnOffAuto properties take "on"/"off" in QMP, not JSON booleans.
+            if isinstance(options[k], bool):
+                options[k] = _opt(options[k])
+        self.qmp_command("device_add", timeout=timeout, driver="vhost-user-blk-pci", **options)
