@@ -5,7 +5,7 @@
 # names: "a.b=c" is a module parameter):
 #   pvu_steps=queues,md5,write   steps to run, in this order (a step may repeat:
 #                                queues md5 md5parts write writefail rebind
-#                                seqwrite)
+#                                seqwrite hold)
 #   pvu_disk=vda                 disk the steps work on (default vda)
 #   pvu_write_mib=8              offset in MiB of the 4 MiB "write"/"writefail" range
 #   pvu_reboot=1                 "reboot -f" after the steps (else "poweroff -f")
@@ -325,11 +325,26 @@ step_seqwrite() {
     rm -f /tmp/seqback /tmp/seqwant
 }
 
+# Wait for one line typed on the console by the host (Machine(serial_input=True)
+# .send_serial): meanwhile the guest does no disk I/O, so the host can act on an
+# idle device (restart its back-end, unplug it and plug it back). Then wait for
+# the disk, which may have gone and come back.
+step_hold() {
+    result hold waiting
+    if ! read -r line; then
+        error "hold: console input closed"; result hold failed; return
+    fi
+    if ! wait_disk; then
+        error "hold: no block device $DEV 20 s after the host let go"; result hold failed; return
+    fi
+    result hold released
+}
+
 if [ -n "$STEPS" ]; then
     if wait_disk; then
         for step in $STEPS; do
             case "$step" in
-                queues|md5|md5parts|write|writefail|rebind|seqwrite) "step_$step" ;;
+                queues|md5|md5parts|write|writefail|rebind|seqwrite|hold) "step_$step" ;;
                 *) error "unknown step $step" ;;
             esac
         done

@@ -4,7 +4,8 @@
 #
 #   1. Debian packages: QEMU 7.2 (qemu-system-x86, whose qemu-system-common has
 #      qemu-storage-daemon; qemu-utils), cpio, kmod, python3-venv, iproute2 (`ip`:
-#      the migration test's two hosts are network namespaces).
+#      the migration test's two hosts are network namespaces), libvirt 9.0
+#      (daemon, clients, QEMU driver; plus the kvm group and libvirt-qemu user).
 #   2. .venv at the repository root with `pip install -e '.[test]'`.
 #   3. QEMU 10.0 from bookworm-backports (qemu-system-x86, -common, -data and
 #      qemu-utils, which has its qemu-storage-daemon), unpacked (dpkg -x, never
@@ -20,7 +21,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${PYVHOST_USER_CACHE:-$HOME/.cache/pyvhost-user}
 QEMU10_DIR=$CACHE/qemu-10.0
 QEMU10_VERSION_PREFIX="1:10.0."
-APT_PACKAGES=(qemu-system-x86 qemu-utils cpio kmod python3-venv python3 gzip iproute2)
+APT_PACKAGES=(qemu-system-x86 qemu-utils cpio kmod python3-venv python3 gzip iproute2
+              libvirt-daemon libvirt-clients libvirt-daemon-driver-qemu)
 
 DO_VENV=1 DO_QEMU10=1 DO_GUEST=1
 for arg in "$@"; do
@@ -85,6 +87,19 @@ fi
 if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
     log "apt-get update (no package lists)"
     "${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 update -q
+fi
+
+# libvirt (the avocado suite's libvirt test): without recommends the packages
+# create neither the kvm group nor the libvirt-qemu user its QEMU driver needs.
+# kvm must be a system group: a plain one breaks a later install of Debian's udev.
+if ! getent group kvm >/dev/null; then
+    "${SUDO[@]}" groupadd --system kvm
+    log "created the system group kvm"
+fi
+if ! getent passwd libvirt-qemu >/dev/null; then
+    "${SUDO[@]}" useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt \
+        --shell /usr/sbin/nologin --groups kvm libvirt-qemu
+    log "created the system user libvirt-qemu"
 fi
 
 # ---- 2. Python venv ----------------------------------------------------------
