@@ -9,7 +9,6 @@ Parts (cells in matrix.py):
   frontend   frontend_persist.py on the 4 reference front-end cells (not QEMU)
   host       descriptor.py and libvirt_domain.py (no variants)
   hotplug    guest_scenarios.py test_hot_unplug_and_replug on the covering cells
-             (not in the default plan: see README, "VM tests with avocado")
 
 The job's results (results.json, results.html, each test's debug.log and its
 data/ directory with the serial console, QEMU's output, the back-end logs and
@@ -60,7 +59,7 @@ def plan() -> dict[str, dict]:
     }
 
 
-DEFAULT_PARTS = "core,scenarios,frontend,host"
+DEFAULT_PARTS = "core,scenarios,hotplug,frontend,host"
 
 
 def summary(job_dir: Path) -> tuple[int, int]:

@@ -156,3 +156,26 @@ def test_memory_table_survives_device_reset_and_ring_base_survives_status_0(sess
         assert len(session.memory) == len(ram.regions)
         assert session.rings[0].config.base == 0
         ring.release()
+
+
+def test_set_owner_again_starts_the_session_over_keeping_what_came_before_it(session):
+    """QEMU 7.2 re-initialises the device on the same connection after device_del /
+    device_add with the chardev kept: SET_OWNER again, then the same memory regions
+    again. They must be taken, not refused as overlaps of the old table."""
+    ram = GuestRam()
+    try:
+        negotiate(session)  # SET_PROTOCOL_FEATURES (REPLY_ACK, slots), SET_OWNER
+        region = ram.regions[0]
+        payload = SingleMemRegion(region.mem_region())
+        assert acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
+                          need_reply=True))
+        assert not acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
+                              need_reply=True))  # an overlap, within one session
+        send(session, R.SET_OWNER)
+        assert len(session.memory) == 0 and session.acked_protocol_features == PROTOCOL_FEATURES
+        assert acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
+                          need_reply=True))
+        assert len(session.memory) == 1
+    finally:
+        session.close()
+        ram.close()

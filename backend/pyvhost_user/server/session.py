@@ -417,6 +417,16 @@ class Session:
         return bool(self.acked_features & VF.ACCESS_PLATFORM)
 
     def _set_owner(self, m: Message) -> None:
+        if self.owner:
+            # The front-end initialises its device again on this connection: QEMU 7.2
+            # does after device_del / device_add with the chardev kept, and then sends
+            # the whole memory table again (ADD_MEM_REG for regions we still hold would
+            # be refused as overlaps and fail its vhost start). Start over as a new
+            # session would; what was negotiated before SET_OWNER stays.
+            log.warning("SET_OWNER again: the front-end re-initialises the device; rings "
+                        "stopped, memory table dropped, ASIDs it changed reset")
+            self.device_reset("SET_OWNER again")
+            self._release_front_end_state()
         self.owner = True
 
     def _reset_owner(self, m: Message) -> None:
@@ -787,13 +797,19 @@ class Session:
                 self._backend_channel = None
                 self.backend_channel_fd = None
         self.inflight = None  # the front-end keeps the fd; a next back-end gets it back
+        self._release_front_end_state("front-end disconnected")
+        self.device.reset()
+
+    def _release_front_end_state(self, cause: str = "SET_OWNER again") -> None:
+        """What a front-end set up that the next one must not inherit: its dirty log,
+        the ASIDs it changed (back to their defaults) and its memory table."""
         self._dirty_log = None
         touched = self.asids.reset_touched()
         if touched:
-            log.info("front-end gone: ASIDs %s it changed are back to their defaults", touched)
-            self._emit("RESET_MAP", {"asids": touched, "cause": "front-end disconnected"})
+            who = "front-end gone" if cause == "front-end disconnected" else cause
+            log.info("%s: ASIDs %s it changed are back to their defaults", who, touched)
+            self._emit("RESET_MAP", {"asids": touched, "cause": cause})
         self.memory.clear()
-        self.device.reset()
 
     # -- dirty logging (live migration) -------------------------------------------
     def dirty_log(self) -> DirtyLog | None:
