@@ -90,7 +90,11 @@ def main() -> int:
                                                     REPO / "build" / "avocado-results")))
     parser.add_argument("--only", default=DEFAULT_PARTS,
                         help=f"parts to run, comma-separated (default {DEFAULT_PARTS})")
-    parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1)
+    # One test at a time by default: two 4-vCPU TCG guests at once on 2 host cores
+    # starved a vCPU long enough for the guest to report a soft lockup ("CPU#2
+    # stuck for 343s", in a 10-reboot loop) and never finish its boot.
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="tests at a time (default 1; more only with cores to spare)")
     args = parser.parse_args()
 
     from avocado.core.job import Job
