@@ -52,7 +52,7 @@ from pathlib import Path
 
 from pyvhost_user.control.client import ControlClient
 from pyvhost_user.frontend import BlkDriver, Frontend, GuestRam, LinearIommu
-from pyvhost_user.frontend.blk import BLK_CONFIG_SIZE
+from pyvhost_user.frontend.blk import BLK_CONFIG_SIZE, BlkRequest
 from pyvhost_user.launch.backends import start_backend
 from pyvhost_user.memory.map_cost import PUBLISHED_SECONDS_PER_GIB
 from pyvhost_user.recorder import FlightRecorder, chrome_trace, merge_chrome_traces
@@ -150,7 +150,7 @@ class Lab:
         label = f"{flow:9} {size_gib:>3} GiB"
         ram = GuestRam([(0, size_gib * GiB)], name=f"lab-{size_gib}g")
         iommu = LinearIommu(ram, chunk=GiB)
-        src = dst = None
+        src = dst = dst_fe = None
         try:
             with self.vmm.span("vmm", "source up", flow=flow, size_gib=size_gib):
                 progress.step(f"{label}: source VMM starts and maps")
@@ -182,7 +182,8 @@ class Lab:
             cost_before = self.stats("dst").get("map_cost_seconds", 0.0)
 
             # -- switch-over: the guest is stopped from here to the first I/O ------------
-            tickets = src.submit([src_read(i) for i in range(IN_FLIGHT_AT_STOP)])
+            tickets = src.submit([BlkRequest.read(8 + 8 * i, 4096)
+                                  for i in range(IN_FLIGHT_AT_STOP)])
             progress.step(f"{label}: switch-over")
             base = self.phase(run, "stop", lambda: src.frontend.stop_queue(0))
             run.in_flight_at_stop = len(tickets)
@@ -216,14 +217,14 @@ class Lab:
             for completion in dst.wait(tickets, timeout=10):
                 completion.check()
             run.map_cost_s = self.stats("dst").get("map_cost_seconds", 0.0) - cost_before
-            if not persist and flow == "legacy" and run.updates_in_downtime == 0:
+            if flow == "legacy" and run.updates_in_downtime == 0:
                 raise LabFailed(f"{label}: nothing was mapped again after the reset")
             if flow != "legacy" and run.updates_in_downtime:
                 raise LabFailed(f"{label}: {run.updates_in_downtime} updates inside the downtime")
         finally:
             if dst is not None:
                 dst.close()
-            elif "dst_fe" in locals():
+            elif dst_fe is not None:
                 dst_fe.close()
             if src is not None:
                 src.close()
@@ -232,11 +233,6 @@ class Lab:
                          f"(map {run.phases_ms['map']:8.1f} ms, {run.updates_in_downtime} "
                          "updates)")
         return run
-
-
-def src_read(i: int):
-    from pyvhost_user.frontend.blk import BlkRequest
-    return BlkRequest.read(8 + 8 * i, 4096)
 
 
 # -- report ---------------------------------------------------------------------------------
