@@ -162,13 +162,22 @@ class GuestMemory:
 
         ``kind`` is "gpa" (descriptor buffers) or "uva" (ring addresses).
         """
+        table, starts = (
+            (self._by_gpa, self._gpa_starts) if kind == "gpa" else (self._by_uva, self._uva_starts)
+        )
+        # The common case first (one request buffer, inside one region): one
+        # bisect and one slice. Anything else takes the checked path below.
+        if length > 0 and addr >= 0:
+            i = bisect.bisect_right(starts, addr) - 1
+            if i >= 0:
+                offset = addr - starts[i]
+                region = table[i]
+                if offset + length <= region.size:
+                    return [region._view[offset : offset + length]]
         if length < 0 or addr < 0 or addr + length > U64_LIMIT:
             raise UnmappedAddress(kind, addr, length, "range wraps past 2**64")
         if length == 0:
             return []
-        table, starts = (
-            (self._by_gpa, self._gpa_starts) if kind == "gpa" else (self._by_uva, self._uva_starts)
-        )
         out: list[memoryview] = []
         cursor, remaining = addr, length
         while remaining:

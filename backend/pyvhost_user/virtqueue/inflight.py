@@ -26,6 +26,8 @@ from .errors import InvalidQueueConfig
 
 HEADER: Final = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 DESC_STATE: Final = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
+_U64: Final = struct.Struct("<Q")
+_U16: Final = struct.Struct("<H")
 VERSION: Final = 1
 ALIGNMENT: Final = 64
 
@@ -56,19 +58,19 @@ class InflightQueue:
 
     def mark_taken(self, head: int, counter: int) -> None:
         """A head popped from the avail ring: in flight, numbered in pop order."""
-        offset = self._desc_offset(head)
-        struct.pack_into("<Q", self.view, offset + 8, counter)
+        offset = HEADER.size + DESC_STATE.size * head
+        _U64.pack_into(self.view, offset + 8, counter)
         self.view[offset] = 1
 
     def mark_used_before_publish(self, head: int) -> None:
         """Before the used index moves: link the head into the last batch."""
-        offset = self._desc_offset(head)
-        struct.pack_into("<H", self.view, offset + 6, self.u16[6])
+        offset = HEADER.size + DESC_STATE.size * head
+        _U16.pack_into(self.view, offset + 6, self.u16[6])
         self.u16[6] = head
 
     def mark_used_after_publish(self, head: int, used_idx: int) -> None:
         """After the used index moved: no longer in flight."""
-        self.view[self._desc_offset(head)] = 0
+        self.view[HEADER.size + DESC_STATE.size * head] = 0
         self.u16[7] = used_idx
 
     def in_flight_heads(self) -> list[int]:

@@ -158,13 +158,13 @@ class BlkDevice(Device):
     def _execute(self, request: BlkRequest) -> int:
         """Run a checked request; return the data bytes written to guest memory."""
         kind = request.type
-        if kind == BlkRequestType.IN:
+        if kind is BlkRequestType.IN:
             self.image.read_into(request.data_in, request.offset_bytes)
-            self.metrics.add(read_requests=1, read_bytes=request.data_len)
+            self.metrics.add_read(request.data_len)
             return request.data_len
-        if kind == BlkRequestType.OUT:
+        if kind is BlkRequestType.OUT:
             self.image.write_from(request.data_out, request.offset_bytes)
-            self.metrics.add(write_requests=1, write_bytes=request.data_len)
+            self.metrics.add_write(request.data_len)
             return 0
         if kind == BlkRequestType.FLUSH:
             if not self.read_only:

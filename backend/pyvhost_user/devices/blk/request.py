@@ -99,41 +99,49 @@ class BlkLimits:
     write_zeroes: bool
 
 
+# A dict lookup: calling the enum on every request costs more than the lookup.
+_REQUEST_TYPES: Final = {t.value: t for t in BlkRequestType}
+
+
+def _check_range(kind: BlkRequestType, sector: int, nbytes: int, limits: BlkLimits) -> None:
+    if nbytes % SECTOR_SIZE:
+        raise BlkRequestError(f"{kind.name} length {nbytes} is not a multiple of 512")
+    end = sector + (nbytes >> SECTOR_SHIFT)
+    if end > limits.capacity_sectors or sector >= U64_LIMIT >> SECTOR_SHIFT:
+        raise BlkRequestError(
+            f"{kind.name} sectors {sector}+{nbytes >> SECTOR_SHIFT} "
+            f"pass the capacity of {limits.capacity_sectors}"
+        )
+
+
 def parse_request(chain: DescriptorChain, limits: BlkLimits) -> BlkRequest:
     """Check a chain as a virtio-blk request. Raises ``BlkRequestError``/``MissingStatus``."""
     data_in, status = _split_status(chain)
+    readable = chain.readable
     if chain.readable_len < HEADER.size:
         raise BlkRequestError(f"request header is {chain.readable_len} bytes, needs 16")
-    kind_code, _reserved, sector = HEADER.unpack(_gather(chain.readable, HEADER.size))
-    data_out = views_after(chain.readable, HEADER.size)
+    if len(readable[0]) >= HEADER.size:  # the header in one buffer: no gathering copy
+        kind_code, _reserved, sector = HEADER.unpack_from(readable[0])
+    else:
+        kind_code, _reserved, sector = HEADER.unpack(_gather(readable, HEADER.size))
     out_len = chain.readable_len - HEADER.size
     in_len = chain.writable_len - 1
-    try:
-        kind = BlkRequestType(kind_code)
-    except ValueError:
-        raise Unsupported(f"request type {kind_code} is unknown") from None
+    kind = _REQUEST_TYPES.get(kind_code)
+    if kind is None:
+        raise Unsupported(f"request type {kind_code} is unknown")
 
-    def check_range(nbytes: int) -> None:
-        if nbytes % SECTOR_SIZE:
-            raise BlkRequestError(f"{kind.name} length {nbytes} is not a multiple of 512")
-        end = sector + (nbytes >> SECTOR_SHIFT)
-        if end > limits.capacity_sectors or sector >= U64_LIMIT >> SECTOR_SHIFT:
-            raise BlkRequestError(
-                f"{kind.name} sectors {sector}+{nbytes >> SECTOR_SHIFT} "
-                f"pass the capacity of {limits.capacity_sectors}"
-            )
-
-    if kind == BlkRequestType.IN:
+    if kind is BlkRequestType.IN:
         if out_len:
             raise BlkRequestError(f"IN carries {out_len} device-readable data bytes")
-        check_range(in_len)
+        _check_range(kind, sector, in_len, limits)
         return BlkRequest(kind, sector, status, [], data_in, in_len)
-    if kind == BlkRequestType.OUT:
+    data_out = views_after(readable, HEADER.size) if out_len else []
+    if kind is BlkRequestType.OUT:
         if limits.read_only:
             raise BlkRequestError("OUT on a read-only device")
         if in_len:
             raise BlkRequestError(f"OUT carries {in_len} device-writable data bytes")
-        check_range(out_len)
+        _check_range(kind, sector, out_len, limits)
         return BlkRequest(kind, sector, status, data_out, [], out_len)
     if kind == BlkRequestType.FLUSH:
         return BlkRequest(kind, sector, status, [], [], 0)
