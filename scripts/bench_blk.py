@@ -1,141 +1,284 @@
 #!/usr/bin/env python3
 """Side-by-side block benchmark: pyvhost-user against qemu-storage-daemon.
 
-Both back-ends serve the same image, driven by the same reference front-end
-in the same run; results are printed as a table with ratios (ours / theirs)
-and optionally written as JSON. These are front-end-bound numbers (the
-front-end is Python too): compare ratios, not absolute figures.
+In one run, on one image and with one front-end (the reference front-end's
+fixed-slot load generator, ``frontend/blk_load.py``), every workload is run
+on each back-end in turn, and the results are printed side by side with
+ratios (ours / qemu-storage-daemon), next to the issue's targets:
 
-    .venv/bin/python scripts/bench_blk.py [--size-mib 256] [--seconds 3] [--json out.json]
+- 1 MiB sequential read and write (MiB/s), queue depth 4;
+- 4 KiB random read and write (IOPS) at queue depth 1 and 32, on 1 queue and
+  on N queues;
+- CPU time per I/O of the back-end process (user + system, all threads);
+- the front-end's own CPU share: a front-end near 100 % bounds the figure;
+- start to listening (ms) and idle RSS (MiB) of each back-end.
+
+Every request is checked (status, used length, and the data: each 4 KiB block
+of the image carries its number), so a fast wrong answer fails the run.
+
+    .venv/bin/python scripts/bench_blk.py [--seconds 3] [--queues 4] [--json results.json]
+
+These machines are noisy: compare the ratios, from one run, not absolute
+figures across runs. ``--repeat`` runs every cell several times and keeps the
+median.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import random
-import resource
+import platform
 import shutil
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pyvhost_user.frontend import BlkDriver, BlkRequest
-from pyvhost_user.frontend.blk import SECTOR_SIZE
+from pyvhost_user.frontend import BlkDriver
+from pyvhost_user.frontend.blk_load import BlkLoad, Pattern, stamp_image
 from pyvhost_user.frontend.guest_ram import GuestRam
-from pyvhost_user.launch.backends import start_backend
+from pyvhost_user.launch.backends import backend_command, start_backend
 
 MiB = 1 << 20
+KiB = 1 << 10
+RAM_LAYOUT = ((0, 256 * MiB), (256 * MiB, 256 * MiB))  # two regions, as a guest with a hole has
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workload:
     name: str
-    block: int
-    write: bool
-    sequential: bool
+    pattern: Pattern
     depth: int
-    queues: int
+    queues: int  # 0: the --queues value
+    unit: str  # what the row compares: "MiB/s" or "IOPS"
+    target: float | None = None  # the issue's minimum ratio, when it sets one
 
 
-WORKLOADS = [
-    Workload("seq-read-1M", MiB, False, True, 4, 1),
-    Workload("seq-write-1M", MiB, True, True, 4, 1),
-    Workload("rand-read-4k-qd1", 4096, False, False, 1, 1),
-    Workload("rand-read-4k-qd32", 4096, False, False, 32, 1),
-    Workload("rand-write-4k-qd32", 4096, True, False, 32, 1),
-    Workload("rand-read-4k-qd32-4q", 4096, False, False, 32, 4),
-]
+def workloads(queues: int) -> list[Workload]:
+    seq_r, seq_w = Pattern(MiB, False, True), Pattern(MiB, True, True)
+    rnd_r, rnd_w = Pattern(4 * KiB, False, False), Pattern(4 * KiB, True, False)
+    rows = [
+        Workload("seq-read-1M-qd4", seq_r, 4, 1, "MiB/s", 1.0),
+        Workload("seq-write-1M-qd4", seq_w, 4, 1, "MiB/s", 1.0),
+        Workload("rand-read-4k-qd1", rnd_r, 1, 1, "IOPS"),
+        Workload("rand-write-4k-qd1", rnd_w, 1, 1, "IOPS"),
+        Workload("rand-read-4k-qd32", rnd_r, 32, 1, "IOPS", 0.5),
+        Workload("rand-write-4k-qd32", rnd_w, 32, 1, "IOPS"),
+    ]
+    if queues > 1:
+        rows += [
+            Workload(f"rand-read-4k-qd32-{queues}q", rnd_r, 32, queues, "IOPS", 1.0),
+            Workload(f"rand-write-4k-qd32-{queues}q", rnd_w, 32, queues, "IOPS"),
+            Workload(f"seq-read-1M-qd4-{queues}q", seq_r, 4, queues, "MiB/s"),
+        ]
+    return rows
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+def process_cpu_seconds(pid: int) -> float:
+    """User + system time so far of ``pid``, its children still running (our
+    worker processes) and those it has reaped."""
+    def ticks(stat_path: str) -> int:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+
+    total = ticks(f"/proc/{pid}/stat")
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            try:
+                total += ticks(f"/proc/{child}/stat")
+            except FileNotFoundError:
+                pass  # exited since: counted in cutime once reaped
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def run_workload(driver: BlkDriver, w: Workload, size: int, seconds: float, pid: int) -> dict:
-    rng = random.Random(7)
-    blocks = size // w.block
-    payload = os.urandom(w.block)
-    done_bytes = done_ios = 0
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    position = 0
-    while time.perf_counter() - t0 < seconds:
-        batch = []
-        for i in range(w.depth * w.queues * 4):
-            index = position % blocks if w.sequential else rng.randrange(blocks)
-            position += 1
-            sector = index * w.block // SECTOR_SIZE
-            queue = i % w.queues
-            batch.append(
-                BlkRequest.write(sector, payload, queue=queue)
-                if w.write
-                else BlkRequest.read(sector, w.block, queue=queue)
-            )
-        driver.run(batch, depth=w.depth)
-        done_ios += len(batch)
-        done_bytes += len(batch) * w.block
-    elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(pid) - cpu0
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def time_to_listening(kind: str, image: Path, sock: Path, queues: int, extra: tuple[str, ...]) -> tuple[float, float]:
+    """(ms from exec to a connect that succeeds, idle RSS MiB once listening)."""
+    if sock.exists():
+        sock.unlink()
+    command = backend_command(kind, image, sock, num_queues=queues, extra_args=extra)
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = start + 20
+        while True:
+            # Bounded busy probe: the measurement itself, so no sleeping between tries.
+            try:
+                probe.connect(str(sock))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if process.poll() is not None or time.perf_counter() > deadline:
+                    raise RuntimeError(f"{kind} did not listen on {sock}") from None
+        elapsed = (time.perf_counter() - start) * 1000
+        probe.close()
+        return elapsed, rss_mib(process.pid)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def run_cell(kind: str, image: Path, workdir: Path, w: Workload, queues: int, seconds: float,
+             extra: tuple[str, ...]) -> dict:
+    nqueues = w.queues or queues
+    backend = start_backend(kind, image, workdir / f"{kind}.sock", num_queues=max(queues, 1),
+                            extra_args=extra)
+    try:
+        with GuestRam(RAM_LAYOUT) as ram, BlkDriver.connect(
+            backend.socket_path, ram=ram, num_queues=nqueues, queue_size=256
+        ) as driver:
+            load = BlkLoad(driver, w.pattern, depth=w.depth)
+            load.run(ios=w.depth * nqueues * 4)  # warm-up: page tables, page cache, threads
+            cpu0 = process_cpu_seconds(backend.pid)
+            result = load.run(seconds)
+            cpu = process_cpu_seconds(backend.pid) - cpu0
+            rss = rss_mib(backend.pid)
+    finally:
+        backend.stop()
     return {
-        "MiB/s": done_bytes / MiB / elapsed,
-        "IOPS": done_ios / elapsed,
-        "backend_cpu_us_per_io": cpu / done_ios * 1e6,
+        "MiB/s": result.mib_per_second,
+        "IOPS": result.iops,
+        "ios": result.ios,
+        "backend_cpu_us_per_io": cpu / result.ios * 1e6,
+        "backend_cpu_share": cpu / result.seconds,
+        "frontend_cpu_share": result.frontend_cpu_seconds / result.seconds,
+        "kicks_per_io": result.kicks / result.ios,
+        "wakeups_per_io": result.wakeups / result.ios,
+        "busy_rss_mib": rss,
+    }
+
+
+def median_cell(samples: list[dict]) -> dict:
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+def describe_machine() -> dict:
+    qsd = subprocess.run(backend_command("qsd", Path("x"), Path("y"))[:1] + ["--version"],
+                         capture_output=True, text=True).stdout.splitlines()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        commit = None
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu_storage_daemon": qsd[0] if qsd else None,
+        "commit": commit,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--size-mib", type=int, default=512, help="image size (default 512)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
+    parser.add_argument("--queues", type=int, default=4, help="N for the N-queue rows (default 4)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is kept")
+    parser.add_argument("--only", action="append", default=[], metavar="WORKLOAD",
+                        help="run only these workloads (repeatable)")
+    parser.add_argument("--pyvhost-args", default="",
+                        help="extra arguments for our back-end, e.g. '--io-threads 2'")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
 
+    ours_extra = ("--log-level", "warning", *args.pyvhost_args.split())
+    extras = {"pyvhost": ours_extra, "qsd": ()}
+    rows = [w for w in workloads(args.queues) if not args.only or w.name in args.only]
+    if not rows:
+        parser.error(f"--only matched no workload (have: {', '.join(w.name for w in workloads(args.queues))})")
     workdir = Path(tempfile.mkdtemp(prefix="pyvhost-bench-"))
     image = workdir / "disk.img"
-    with open(image, "wb") as f:
-        for _ in range(args.size_mib):
-            f.write(os.urandom(MiB))
-    size = args.size_mib * MiB
-    results: dict[str, dict[str, dict]] = {}
+    results: dict[str, dict[str, dict]] = {"pyvhost": {}, "qsd": {}}
+    startup: dict[str, dict[str, float]] = {}
+    total = len(rows) * 2 * args.repeat
+    done = 0
+    began = time.monotonic()
     try:
+        print(f"bench: writing a {args.size_mib} MiB stamped image", flush=True)
+        stamp_image(image, args.size_mib * MiB)
         for kind in ("pyvhost", "qsd"):
-            results[kind] = {}
-            for w in WORKLOADS:
-                backend = start_backend(kind, image, workdir / f"{kind}.sock", num_queues=4,
-                                        extra_args=("--log-level", "warning") if kind == "pyvhost" else ())
-                try:
-                    layout = ((0, 64 * MiB), (64 * MiB, 64 * MiB))
-                    with GuestRam(layout) as ram, BlkDriver.connect(
-                        backend.socket_path, ram=ram, num_queues=w.queues, queue_size=256
-                    ) as driver:
-                        results[kind][w.name] = run_workload(driver, w, size, args.seconds, backend.pid)
-                finally:
-                    backend.stop()
-                r = results[kind][w.name]
-                print(f"bench: {kind:8} {w.name:22} {r['MiB/s']:9.1f} MiB/s {r['IOPS']:9.0f} IOPS "
-                      f"{r['backend_cpu_us_per_io']:7.1f} us CPU/IO", flush=True)
+            times, rsses = [], []
+            for _ in range(5):
+                ms, rss = time_to_listening(kind, image, workdir / f"{kind}-start.sock", args.queues,
+                                            extras[kind])
+                times.append(ms)
+                rsses.append(rss)
+            startup[kind] = {"start_to_listening_ms": statistics.median(times),
+                             "idle_rss_mib": statistics.median(rsses)}
+            print(f"bench: {kind:8} start to listening {startup[kind]['start_to_listening_ms']:6.1f} ms "
+                  f"(median of 5), idle RSS {startup[kind]['idle_rss_mib']:5.1f} MiB", flush=True)
+        for w in rows:
+            # Both back-ends back to back on each workload: drift in the machine's
+            # load hits both sides of a ratio alike.
+            for kind in ("pyvhost", "qsd"):
+                samples = []
+                for _ in range(args.repeat):
+                    samples.append(run_cell(kind, image, workdir, w, args.queues, args.seconds, extras[kind]))
+                    done += 1
+                r = results[kind][w.name] = median_cell(samples)
+                elapsed = time.monotonic() - began
+                print(f"bench: [{done:2}/{total}] {kind:8} {w.name:26} {r['MiB/s']:9.1f} MiB/s "
+                      f"{r['IOPS']:9.0f} IOPS {r['backend_cpu_us_per_io']:7.1f} us CPU/IO "
+                      f"(back-end {r['backend_cpu_share']:4.0%}, front-end {r['frontend_cpu_share']:4.0%} "
+                      f"of a CPU)  {elapsed:5.0f} s", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    ratios: dict[str, float] = {}
     print()
-    print(f"{'workload':24}{'pyvhost':>14}{'qsd':>14}{'ratio':>8}   CPU/IO ours vs qsd")
-    for w in WORKLOADS:
+    print(f"{'workload':28}{'pyvhost':>16}{'qsd':>16}{'ratio':>8}{'target':>8}  "
+          f"{'CPU us/IO ours':>14}{'qsd':>7}  note")
+    for w in rows:
         ours, theirs = results["pyvhost"][w.name], results["qsd"][w.name]
-        unit = "MiB/s" if w.block >= MiB else "IOPS"
-        print(f"{w.name:24}{ours[unit]:>10.1f} {unit:5}{theirs[unit]:>8.1f} {unit:5}"
-              f"{ours[unit] / theirs[unit]:>6.2f}x   "
-              f"{ours['backend_cpu_us_per_io']:.0f} us vs {theirs['backend_cpu_us_per_io']:.0f} us")
+        ratio = ratios[w.name] = ours[w.unit] / theirs[w.unit]
+        target = f"{w.target:.1f}x" if w.target else ""
+        verdict = "" if w.target is None else ("meets" if ratio >= w.target else "MISSES")
+        bound = "front-end bound" if max(ours["frontend_cpu_share"], theirs["frontend_cpu_share"]) > 0.9 else ""
+        print(f"{w.name:28}{ours[w.unit]:>10.0f} {w.unit:5}{theirs[w.unit]:>10.0f} {w.unit:5}"
+              f"{ratio:>7.2f}x{target:>8}  {ours['backend_cpu_us_per_io']:>14.1f}"
+              f"{theirs['backend_cpu_us_per_io']:>7.1f}  {' '.join(x for x in (verdict, bound) if x)}")
+    print()
+    for kind in ("pyvhost", "qsd"):
+        s = startup[kind]
+        print(f"{kind:8} start to listening {s['start_to_listening_ms']:6.1f} ms"
+              f"{' (target < 200 ms: ' + ('meets' if s['start_to_listening_ms'] < 200 else 'MISSES') + ')' if kind == 'pyvhost' else ''}"
+              f"   idle RSS {s['idle_rss_mib']:5.1f} MiB"
+              f"{' (target < 40 MiB: ' + ('meets' if s['idle_rss_mib'] < 40 else 'MISSES') + ')' if kind == 'pyvhost' else ''}")
     if args.json:
-        args.json.write_text(json.dumps({"size_mib": args.size_mib, "results": results}, indent=2))
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"\nfront-end CPU: {usage.ru_utime + usage.ru_stime:.1f} s (the front-end is Python too: "
-          "absolute figures are front-end-bound; compare ratios)")
+        args.json.write_text(json.dumps({
+            "benchmark": "bench_blk",
+            "version": 2,
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": describe_machine(),
+            "config": {"size_mib": args.size_mib, "seconds": args.seconds, "queues": args.queues,
+                       "repeat": args.repeat, "pyvhost_args": args.pyvhost_args,
+                       "workloads": [asdict(w) for w in rows]},
+            "startup": startup,
+            "results": results,
+            "ratios": ratios,
+        }, indent=2, default=str))
+        print(f"\nbench: results written to {args.json}")
     return 0
 
 

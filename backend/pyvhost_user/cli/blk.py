@@ -22,10 +22,9 @@ from ..memory.peer_fd import SealPolicy
 from ..recorder import FlightRecorder, chrome_trace, mermaid_sequence
 from ..recorder.chrome_trace import write_chrome_trace
 from ..recorder.flight_recorder import DEFAULT_CAPACITY
-from ..control.server import ControlServer
 from ..server import BackendServer
 from ..server.control_target import BackendControl
-from ..server.options import BackendOptions, IotlbPersist
+from ..server.options import BackendOptions, IotlbPersist, QueueWorkers
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
@@ -123,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(sleep --map-cost-rate per GiB, nothing allocated)",
     )
     p.add_argument(
+        "--io-threads", type=int, default=0, metavar="N",
+        help="per ring, N threads serve requests of 64 KiB and more, flushes, discards and "
+        "write-zeroes, so that large copies use several CPUs and a slow flush does not hold "
+        "the ring (default 0: the ring's worker serves everything)",
+    )
+    p.add_argument(
+        "--queue-workers", choices=[w.value for w in QueueWorkers], default=QueueWorkers.THREADS.value,
+        help="where each ring is served: a thread of this process (default), or a process of "
+        "its own forked when the ring starts, so that rings use several CPUs (only without an "
+        "IOTLB and outside migration; a ring falls back to a thread otherwise)",
+    )
+    p.add_argument(
         "--map-cost-rate", type=float, default=PUBLISHED_SECONDS_PER_GIB, metavar="S_PER_GIB",
         help=f"seconds per GiB for --map-cost simulated (default {PUBLISHED_SECONDS_PER_GIB}, "
         "the published vDPA pinning rate)",
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             memory_seal=SealPolicy(args.memory_seal),
             map_cost=MapCost(args.map_cost),
             map_cost_seconds_per_gib=args.map_cost_rate,
+            io_threads=args.io_threads,
+            queue_workers=QueueWorkers(args.queue_workers),
         )
         recorder = FlightRecorder(args.flight_recorder)
     except ValueError as exc:
@@ -203,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     target = BackendControl(None)
     control = None
     if args.control_socket:
+        # Imported only when asked for: it is a fifth of the start-up time.
+        from ..control.server import ControlServer
+
         try:
             control = ControlServer(args.control_socket, target)
             control.start()

@@ -37,12 +37,22 @@ from typing import Any, Final
 from ..errors import PyVhostUserError
 from .target import ControlError, ControlTarget
 
-try:  # pragma: no cover - depends on how the package is installed
-    from importlib.metadata import PackageNotFoundError, version as _dist_version
+_FALLBACK_VERSION: Final = "0.1.0"
+_package_version: str | None = None
 
-    PACKAGE_VERSION: Final[str] = _dist_version("pyvhost-user")
-except (ImportError, PackageNotFoundError):  # pragma: no cover
-    PACKAGE_VERSION = "0.1.0"  # type: ignore[misc]
+
+def package_version() -> str:
+    """The installed distribution's version, looked up on first use: reading the
+    installed packages' metadata costs more than the rest of start-up."""
+    global _package_version
+    if _package_version is None:
+        try:  # pragma: no cover - depends on how the package is installed
+            from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+            _package_version = _dist_version("pyvhost-user")
+        except (ImportError, PackageNotFoundError):  # pragma: no cover
+            _package_version = _FALLBACK_VERSION
+    return _package_version
 
 GREETING_KEY: Final = "pyvhost-user"
 CAPABILITIES: Final[tuple[str, ...]] = ("events",)
@@ -494,10 +504,10 @@ def check_arguments(spec: CommandSpec, raw: Mapping[str, Any], request_id: Any =
 # -- encoding what the server sends --------------------------------------------------
 
 
-def greeting(package_version: str = PACKAGE_VERSION) -> dict[str, Any]:
+def greeting(version: str | None = None) -> dict[str, Any]:
     return {
         GREETING_KEY: {
-            "version": {"package": package_version},
+            "version": {"package": version or package_version()},
             "capabilities": list(CAPABILITIES),
         }
     }
@@ -622,7 +632,7 @@ class ControlConnection:
     """
 
     def __init__(
-        self, *, max_line_bytes: int = MAX_LINE_BYTES, package_version: str = PACKAGE_VERSION
+        self, *, max_line_bytes: int = MAX_LINE_BYTES, package_version: str | None = None
     ) -> None:
         self._lines = LineBuffer(max_line_bytes)
         self._out = bytearray(dumps_line(greeting(package_version)))

@@ -68,6 +68,24 @@ class Device(abc.ABC):
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
         """Serve one request; return the number of bytes written to the chain."""
 
+    def blocks(self, chain: DescriptorChain) -> bool:
+        """Whether serving ``chain`` may block for long whatever its size (a
+        flush): such requests go to the queue's I/O threads when it has some.
+        Called for every small request then, so it must be cheap; a wrong
+        guess only changes which thread serves the request."""
+        return False
+
+    # -- counters of a worker process (server/queue_process.py) ------------------
+    def start_private_counters(self) -> None:
+        """In a worker process: count from zero, with locks of its own."""
+
+    def private_counters(self) -> dict[str, int]:
+        """In a worker process: what it counted, for the back-end to add."""
+        return {}
+
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        """In the back-end: add what a worker process counted."""
+
     def reset(self) -> None:
         """Device reset: forget per-driver state (not the backing storage)."""
 

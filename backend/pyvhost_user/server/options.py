@@ -25,6 +25,21 @@ class IotlbPersist(enum.Enum):
     NEVER = "never"
 
 
+class QueueWorkers(enum.Enum):
+    """Where a started ring's worker loop runs.
+
+    THREADS: a thread of this process per ring; the rings share one GIL.
+    PROCESSES: a process per ring, forked when the ring starts, so rings run
+    on several CPUs. Only while nothing the loop depends on can change under
+    it without a restart: no IOTLB (ACCESS_PLATFORM), no dirty logging; a ring
+    falls back to a thread otherwise, and is restarted when its eventfds, its
+    enable state or the memory table change.
+    """
+
+    THREADS = "threads"
+    PROCESSES = "processes"
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     num_asids: int = 2
@@ -40,9 +55,16 @@ class BackendOptions:
     # pages) or simulated at a rate, to reproduce hardware's pinning times.
     map_cost: MapCost = MapCost.NONE
     map_cost_seconds_per_gib: float = PUBLISHED_SECONDS_PER_GIB
+    # Per started ring: threads that serve its large requests and flushes
+    # (server/queue_worker.py); 0 serves everything on the ring's own worker.
+    io_threads: int = 0
+    # Where each ring's worker loop runs (server/queue_process.py).
+    queue_workers: QueueWorkers = QueueWorkers.THREADS
 
     def __post_init__(self) -> None:
         if not 0 <= self.map_cost_seconds_per_gib <= 3600:
             raise ValueError(f"--map-cost-rate {self.map_cost_seconds_per_gib} is not in 0..3600")
+        if not 0 <= self.io_threads <= 64:
+            raise ValueError(f"--io-threads {self.io_threads} is not in 0..64")
         if not 1 <= self.num_asids <= 64:
             raise ValueError(f"--num-asids {self.num_asids} is not in 1..64")

@@ -10,12 +10,24 @@ guest memory afterwards.
 Why threads and not asyncio: the device's image calls (preadv/pwritev,
 fdatasync) block and release the GIL; with asyncio they would go to a thread
 pool anyway, and a thread per queue keeps the hot path free of hand-offs.
+
+Large requests and flushes can go to a small pool of I/O threads
+(``io_threads``): a 1 MiB copy between the page cache and guest memory takes
+tens of microseconds with the GIL released, so a few of them in parallel use
+more than one CPU, while the worker goes on popping. Small requests stay
+inline: handing one to another thread costs more than serving it. Completions
+from the pool are published under the worker's used-ring lock, in whatever
+order they finish (virtio allows it; the inflight record is per head).
+
+The loop runs the same in a worker process (``queue_process.py``): the stop
+request is a flag in memory the owner can share with a child process.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue as queue_module
 import select
 import threading
 import time
@@ -28,6 +40,7 @@ from ..memory.guest_memory import GuestMemory
 from ..memory.iotlb import Iotlb, IotlbMiss
 from ..virtqueue import (
     BadChain,
+    DescriptorChain,
     InvalidQueueConfig,
     QueueConfig,
     QueueCorrupted,
@@ -41,6 +54,8 @@ log = logging.getLogger(__name__)
 # translation arriving, and the ring is given up as broken after the last.
 MISS_RESEND_SECONDS = 1.0
 MISS_GIVE_UP_SECONDS = 10.0
+# Requests carrying at least this much data go to the I/O threads, when there are any.
+DEFAULT_OFFLOAD_BYTES = 64 << 10
 
 
 class TranslationSource(Protocol):
@@ -71,6 +86,10 @@ class QueueWorker:
         on_broken: Callable[[int, str], None],
         translations: TranslationSource | None = None,
         on_first_completion: Callable[[int, float], None] | None = None,
+        *,
+        io_threads: int = 0,
+        offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+        stop_flag: memoryview | bytearray | None = None,
     ) -> None:
         self.queue = queue
         self.config = config
@@ -92,6 +111,16 @@ class QueueWorker:
         self._thread = threading.Thread(
             target=self._run, name=f"vq{queue.index}", daemon=True
         )
+        # Byte 0 set: stop after the request in progress. A shared page when the
+        # loop runs in another process, checked once per request either way.
+        self._stop_flag = stop_flag if stop_flag is not None else bytearray(1)
+        self._io_threads = io_threads
+        self._offload_bytes = offload_bytes
+        self._used_lock = threading.Lock()  # the used ring, when I/O threads complete too
+        self._pool: list[threading.Thread] = []
+        self._jobs: queue_module.SimpleQueue[DescriptorChain | None] = queue_module.SimpleQueue()
+        self._offloaded = 0  # handed to the pool, not yet on the used ring
+        self._pool_idle = threading.Condition(self._used_lock)
 
     def start(self) -> None:
         self._started_at = time.monotonic()
@@ -107,17 +136,31 @@ class QueueWorker:
 
     def stop(self) -> int:
         """Stop after the request in progress; return the next avail index to serve."""
-        self._stopping = True
+        self._stop_flag[0] = 1
         os.eventfd_write(self._stop_fd, 1)
         waiting_on = self._waiting_on
         if waiting_on is not None:  # blocked on a miss: the chain stays unconsumed
             with waiting_on.changed:
                 waiting_on.changed.notify_all()
         self._thread.join()
+        self.finish_offloaded()
         os.close(self._stop_fd)
         return self.queue.last_avail_idx
 
-    _stopping = False
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_flag[0] != 0
+
+    def finish_offloaded(self) -> None:
+        """Wait until every request handed to the I/O threads is on the used ring
+        (and signalled), then end the threads."""
+        with self._pool_idle:
+            self._pool_idle.wait_for(lambda: self._offloaded == 0)
+        for _ in self._pool:
+            self._jobs.put(None)
+        for thread in self._pool:
+            thread.join()
+        self._pool.clear()
 
     def _run(self) -> None:
         kick_fd = self.config.kick_fd
@@ -170,22 +213,70 @@ class QueueWorker:
 
     def _serve_available(self) -> None:
         queue = self.queue
+        process = self.device.process
+        offload_at = self._offload_bytes if self._io_threads else None
         while not self._stopping:
             chain = queue.pop()
             if chain is None:
                 return
-            used_len = self.device.process(queue.index, chain)
-            denied = chain.access_denied
-            if denied is not None and self._translations is not None:
-                self._translations.send_access_fail(denied.asid, denied.iova, denied.perm)
-            if self._translations is not None:
-                log = self._translations.dirty_log()
-                if log is not None:
-                    self._log_writes(log, chain.writable)
-            queue.push_used(chain.head, used_len)
-            self._unsignalled += 1
+            if offload_at is not None and (
+                chain.readable_len + chain.writable_len >= offload_at or self.device.blocks(chain)
+            ):
+                self._offload(chain)
+                continue
+            used_len = process(queue.index, chain)
+            if self._pool:
+                with self._used_lock:
+                    self._complete(chain, used_len)
+            else:
+                self._complete(chain, used_len)
 
     _unsignalled = 0
+
+    def _complete(self, chain: DescriptorChain, used_len: int) -> None:
+        """Put a served chain on the used ring (the caller holds the used lock
+        whenever I/O threads exist)."""
+        denied = chain.access_denied
+        if denied is not None and self._translations is not None:
+            self._translations.send_access_fail(denied.asid, denied.iova, denied.perm)
+        if self._translations is not None:
+            log = self._translations.dirty_log()
+            if log is not None:
+                self._log_writes(log, chain.writable)
+        self.queue.push_used(chain.head, used_len)
+        self._unsignalled += 1
+
+    # -- the I/O threads -------------------------------------------------------
+    def _offload(self, chain: DescriptorChain) -> None:
+        if len(self._pool) < self._io_threads:
+            thread = threading.Thread(target=self._io_thread, daemon=True,
+                                      name=f"vq{self.queue.index}-io{len(self._pool)}")
+            self._pool.append(thread)
+            thread.start()
+        with self._used_lock:
+            self._offloaded += 1
+        self._jobs.put(chain)
+
+    def _io_thread(self) -> None:
+        index = self.queue.index
+        while True:
+            chain = self._jobs.get()
+            if chain is None:
+                return
+            try:
+                used_len = self.device.process(index, chain)
+            except Exception as exc:  # a bug: the ring cannot be trusted any more
+                log.exception("queue %d: I/O thread failed", index)
+                used_len = 0
+                self._break(f"internal error: {exc!r}")
+            with self._used_lock:
+                try:
+                    self._complete(chain, used_len)
+                    self._notify_locked()
+                finally:
+                    self._offloaded -= 1
+                    if not self._offloaded:
+                        self._pool_idle.notify_all()
 
     def _log_writes(self, log: DirtyLog, written: list[memoryview]) -> None:
         """Mark every guest page this request may have written, and the used ring,
@@ -242,6 +333,13 @@ class QueueWorker:
             self._waiting_on = None
 
     def _notify(self) -> None:
+        if self._pool:
+            with self._used_lock:
+                self._notify_locked()
+        else:
+            self._notify_locked()
+
+    def _notify_locked(self) -> None:
         if not self._unsignalled:
             return
         if not self.completed and self._on_first_completion is not None:

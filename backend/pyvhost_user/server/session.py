@@ -66,7 +66,8 @@ from ..wire import (
 )
 from . import device_state
 from .device_state import DeviceState, DeviceStateError
-from .options import BackendOptions, IotlbPersist
+from .options import BackendOptions, IotlbPersist, QueueWorkers
+from .queue_process import ProcessQueueWorker
 from .queue_worker import QueueWorker
 from .state_transfer import LoadTransfer, SaveTransfer, StateTransfer, TransferError
 
@@ -103,6 +104,14 @@ _LOG_ALL = int(VF.VHOST_F_LOG_ALL)
 # virtio device status bits
 STATUS_DRIVER_OK = 0x04
 STATUS_NEEDS_RESET = 0x40
+
+# Requests that change what a ring's worker process inherited when it was
+# forked (its eventfds, enable state, used-ring logging, the memory table,
+# features and the dirty log): such rings are stopped around them.
+CHANGES_WHAT_WORKER_PROCESSES_INHERIT = frozenset({
+    R.SET_VRING_CALL, R.SET_VRING_ERR, R.SET_VRING_ENABLE, R.SET_VRING_ADDR,
+    R.SET_FEATURES, R.SET_LOG_BASE, R.SET_MEM_TABLE, R.ADD_MEM_REG, R.REM_MEM_REG,
+})
 
 # Requests a front-end may only send once a protocol feature was acked.
 REQUIRED_PROTOCOL_FEATURE: dict[int, PF] = {
@@ -179,7 +188,7 @@ class Disconnect(Exception):
 class Ring:
     config: QueueConfig
     call_lock: threading.Lock = field(default_factory=threading.Lock)
-    worker: QueueWorker | None = None
+    worker: QueueWorker | ProcessQueueWorker | None = None
     broken_reason: str | None = None
 
     @property
@@ -285,12 +294,23 @@ class Session:
         """Carry out one request; return the replies to send (maybe none)."""
         self.counters["requests"] += 1
         code = message.request
+        paused: list[Ring] = []
         try:
             self._check_gates(message)
             handler = self._handlers.get(code)
             if handler is None:
                 raise Refused(code, "request not supported by this back-end")
-            answer = handler(message)
+            inherited = code in CHANGES_WHAT_WORKER_PROCESSES_INHERIT
+            if inherited:
+                allowed_before = self._worker_process_allowed()
+                paused = self._pause_worker_processes()
+            try:
+                answer = handler(message)
+            finally:
+                if inherited and not allowed_before and self._worker_process_allowed():
+                    # Logging just ended (a migration cancelled): back to processes.
+                    paused += self._pause_worker_threads()
+                self._resume_rings(paused)
         except Refused as exc:
             message.close_fds()
             self.counters["refused"] += 1
@@ -619,6 +639,43 @@ class Session:
         if ring.worker is not None:
             ring.worker.set_enabled(ring.config.enabled)
 
+    def _pause_worker_processes(self) -> list[Ring]:
+        """Stop the rings served by worker processes (they would go on with what
+        they inherited); ``_resume_rings`` starts them again, from where they were."""
+        # A broken ring stays as it is: its child has ended, and it waits for a reset.
+        paused = [r for r in self.rings
+                  if isinstance(r.worker, ProcessQueueWorker) and not r.config.broken]
+        for ring in paused:
+            self._stop_ring(ring)
+        return paused
+
+    def _pause_worker_threads(self) -> list[Ring]:
+        paused = [r for r in self.rings
+                  if isinstance(r.worker, QueueWorker) and not r.config.broken]
+        for ring in paused:
+            self._stop_ring(ring)
+        return paused
+
+    def _resume_rings(self, rings: list[Ring]) -> None:
+        for ring in rings:
+            if ring.started:
+                continue
+            try:
+                self._start_ring(ring)
+            except InvalidQueueConfig as exc:  # e.g. its memory was just removed
+                log.error("ring %d could not start again: %s", ring.config.index, exc)
+                self._ring_broken(ring.config.index, str(exc))
+
+    def _worker_process_allowed(self) -> bool:
+        """Whether a ring may run in a worker process now (queue_process.py):
+        not behind an IOTLB, not while writes are logged (both change under a
+        running ring, and a child would not see it)."""
+        return (
+            self.options.queue_workers is QueueWorkers.PROCESSES
+            and not self.access_platform
+            and not self._acked_int & _LOG_ALL
+        )
+
     def _start_ring(self, ring: Ring) -> None:
         c = ring.config
         if not c.addresses_set or c.size == 0:
@@ -654,10 +711,16 @@ class Session:
                         "heads %s", c.index, len(queue.resubmit), list(queue.resubmit))
         ring.broken_reason = None
         c.broken = False
-        ring.worker = QueueWorker(
-            queue, c, self.device, ring.call_lock, self._ring_broken, translations=self,
-            on_first_completion=self._first_io,
-        )
+        if self._worker_process_allowed():
+            ring.worker = ProcessQueueWorker(
+                queue, c, self.device, self._ring_broken, self._first_io,
+                io_threads=self.options.io_threads,
+            )
+        else:
+            ring.worker = QueueWorker(
+                queue, c, self.device, ring.call_lock, self._ring_broken, translations=self,
+                on_first_completion=self._first_io, io_threads=self.options.io_threads,
+            )
         ring.worker.start()
         self._emit("RING_STARTED", {"queue": c.index, "size": c.size, "base": c.base,
                                     "enabled": c.enabled})
@@ -1131,6 +1194,10 @@ class Session:
                     "enabled": r.config.enabled,
                     "base": r.config.base,
                     "broken": r.broken_reason,
+                    # "thread", or "process <pid>" with --queue-workers processes
+                    "worker": None if r.worker is None else (
+                        f"process {r.worker.pid}" if isinstance(r.worker, ProcessQueueWorker)
+                        else "thread"),
                 }
                 for r in self.rings
             ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ...virtqueue.chain import DescriptorChain
@@ -28,6 +29,7 @@ MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_DISCARD_SEG = 1
 MAX_WRITE_ZEROES_SECTORS = 1 << 22
 MAX_WRITE_ZEROES_SEG = 1
+_BLOCKING_TYPES = frozenset({BlkRequestType.FLUSH, BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES})
 
 
 class BlkDevice(Device):
@@ -115,6 +117,22 @@ class BlkDevice(Device):
             f"virtio-blk {self.image.path} {self.image.size_bytes} bytes "
             f"({self.capacity_sectors} sectors) {mode}, {self.num_queues} queue(s)"
         )
+
+    def start_private_counters(self) -> None:
+        self.metrics = BlkMetrics()
+
+    def private_counters(self) -> dict[str, int]:
+        return self.metrics.snapshot()
+
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        self.metrics.add(**{name: int(value) for name, value in counts.items()
+                            if name in BlkMetrics.counter_names()})
+
+    def blocks(self, chain: DescriptorChain) -> bool:
+        # The low byte of the request type, unparsed: flush, discard and write
+        # zeroes wait for the disk (fdatasync, fallocate) whatever their size.
+        readable = chain.readable
+        return bool(readable) and len(readable[0]) > 0 and readable[0][0] in _BLOCKING_TYPES
 
     def process(self, queue_index: int, chain: DescriptorChain) -> int:
         if chain.access_denied is not None:

@@ -38,6 +38,10 @@ class BlkMetrics:
             self.write_requests += 1
             self.write_bytes += nbytes
 
+    @classmethod
+    def counter_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls) if f.name[0] != "_")
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
