@@ -200,3 +200,39 @@ def test_requests_left_in_the_ring_are_served_by_the_next_backend(
         driver.frontend.close()
         if driver.frontend is not old:
             old.close()
+
+
+def test_dirty_log_marks_the_descriptor_ring_where_used_descriptors_go(backend_factory, image):
+    """With LOG_ALL (migration), a packed ring's device writes go to the descriptor
+    ring, not only to the device area QEMU names as log_guest_addr: both are logged."""
+    import mmap
+    import struct
+
+    from pyvhost_user.wire import FrontendRequest as F
+    from pyvhost_user.wire import LogDescription
+
+    page = 4096
+    backend = backend_factory("pyvhost", image)
+    with BlkDriver.connect(backend.socket_path, packed=True, queue_size=256) as driver:
+        fe, ring = driver.frontend, driver.ring(0)
+        assert ring.desc_gpa // page != ring.device_gpa // page
+        top = max(r.gpa + r.size for r in driver.ram.regions)
+        size = (top // page + 7) // 8
+        fd = os.memfd_create("dirty-log")
+        os.ftruncate(fd, size)
+        log = mmap.mmap(fd, size)
+        with fe.exchange():
+            fe.send_raw(struct.pack("<III", F.SET_LOG_BASE, 1, 16)
+                        + LogDescription(size, 0).encode(), [fd])
+            assert fe.receive_reply(F.SET_LOG_BASE).payload.value == 0
+        os.close(fd)
+        fe.set_features(fe.acked_features | VF.VHOST_F_LOG_ALL)
+        fe.set_vring_addr(0, ring.desc_user_addr, ring.used_user_addr, ring.avail_user_addr,
+                          log_guest_addr=ring.device_gpa)
+
+        def logged(gpa: int) -> bool:
+            n = gpa // page
+            return bool(log[n >> 3] & (1 << (n & 7)))
+
+        assert driver.read(0, 4096) == image.read_bytes()[:4096]
+        assert logged(ring.desc_gpa) and logged(ring.device_gpa)
