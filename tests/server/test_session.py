@@ -55,7 +55,7 @@ def negotiate(session: Session) -> None:
     features = send(session, R.GET_FEATURES)[0].payload.value
     send(session, R.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))
     send(session, R.SET_OWNER)
-    send(session, R.SET_FEATURES, U64(features & ~VF.EVENT_IDX))
+    send(session, R.SET_FEATURES, U64(features & ~VF.EVENT_IDX & ~VF.RING_PACKED))  # split rings
 
 
 def fd_is_open(fd: int) -> bool:

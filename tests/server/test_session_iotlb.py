@@ -59,7 +59,9 @@ def make_session(device, ram, *, protocol=PROTOCOL_FEATURES, access_platform=Tru
     session = Session(device, options=BackendOptions(**options))
     send(session, R.SET_PROTOCOL_FEATURES, U64(protocol))
     send(session, R.SET_OWNER)
-    features = TRANSPORT_FEATURES if access_platform else TRANSPORT_FEATURES & ~VF.ACCESS_PLATFORM
+    features = TRANSPORT_FEATURES & ~VF.RING_PACKED  # split rings
+    if not access_platform:
+        features &= ~VF.ACCESS_PLATFORM
     send(session, R.SET_FEATURES, U64(features))
     for region in ram.regions:
         assert ok(send(session, R.ADD_MEM_REG, SingleMemRegion(region.mem_region()),
@@ -137,7 +139,7 @@ def test_update_before_any_memory_table_is_refused(device):
     session = Session(device)
     send(session, R.SET_PROTOCOL_FEATURES, U64(PROTOCOL_FEATURES))
     send(session, R.SET_OWNER)
-    send(session, R.SET_FEATURES, U64(TRANSPORT_FEATURES))
+    send(session, R.SET_FEATURES, U64(TRANSPORT_FEATURES & ~VF.RING_PACKED))
     assert not ok(send(session, R.IOTLB_MSG, update(0, 0x1000, 0x7F00_0000_0000)))
 
 

@@ -1,4 +1,5 @@
-"""The virtio-blk driver side, on top of ``Frontend`` and one ``SplitRing`` per queue.
+"""The virtio-blk driver side, on top of ``Frontend`` and one ring per queue
+(``SplitRing``, or ``PackedRing`` when VIRTIO_F_RING_PACKED is negotiated).
 
 A request is a chain: 16-byte header (``u32 type, u32 reserved, u64 sector``,
 device-readable), data (device-writable for IN and GET_ID, readable
@@ -22,6 +23,7 @@ from .client import DEFAULT_TIMEOUT, Frontend, QueueState
 from .errors import FrontendError, FrontendTimeout, ProtocolViolation
 from .guest_ram import GuestRam
 from .iommu import Iommu, IommuMode
+from .packed_ring import PackedRing
 from .split_ring import Segment, SplitRing
 
 SECTOR_SIZE: Final = 512
@@ -39,7 +41,8 @@ VIRTIO_BLK_F_MQ: Final = 1 << 12
 VIRTIO_BLK_F_DISCARD: Final = 1 << 13
 VIRTIO_BLK_F_WRITE_ZEROES: Final = 1 << 14
 
-# What this driver accepts (like Linux's virtio_blk, minus packed rings and the IOMMU).
+# What this driver accepts (like Linux's virtio_blk, minus packed rings and the IOMMU:
+# BlkDriver(packed=True) adds packed rings).
 BLK_DRIVER_FEATURES: Final = (
     VIRTIO_BLK_F_SIZE_MAX
     | VIRTIO_BLK_F_SEG_MAX
@@ -250,11 +253,13 @@ class BlkDriver:
         queue_size: int = 128,
         driver_features: int = BLK_DRIVER_FEATURES,
         io_timeout: float = 10.0,
+        packed: bool = False,
     ) -> None:
+        """``packed``: accept VIRTIO_F_RING_PACKED (used when the back-end offers it)."""
         self.frontend = frontend
         self.num_queues = num_queues
         self.queue_size = queue_size
-        self.driver_features = driver_features
+        self.driver_features = driver_features | (VirtioFeature.RING_PACKED if packed else 0)
         self.io_timeout = io_timeout
         self.config: BlkConfig | None = None
         self._work = [_QueueWork() for _ in range(num_queues)]
@@ -277,6 +282,7 @@ class BlkDriver:
         persist: bool = False,
         premap: bool = False,
         prefetch_used: bool | None = None,
+        packed: bool = False,
     ) -> BlkDriver:
         """Connect and start. ``iommu``: present IOVAs (ACCESS_PLATFORM acked, misses
         answered in the background); ``premap``: send the whole page table as UPDATEs
@@ -291,6 +297,7 @@ class BlkDriver:
             num_queues=num_queues,
             queue_size=queue_size,
             driver_features=driver_features,
+            packed=packed,
         )
         try:
             driver.start()
@@ -322,7 +329,12 @@ class BlkDriver:
     def features(self) -> int:
         return self.frontend.acked_features
 
-    def ring(self, queue: int) -> SplitRing:
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: the rings are packed."""
+        return bool(self.features & VirtioFeature.RING_PACKED)
+
+    def ring(self, queue: int) -> SplitRing | PackedRing:
         ring = self.frontend.queue(queue).ring
         if ring is None:
             raise FrontendError(f"queue {queue} is not started")

@@ -87,6 +87,7 @@ from .errors import (
 )
 from .guest_ram import PAGE_SIZE, GuestRam, RamRegion
 from .iommu import Iommu, IommuFault, IommuMode
+from .packed_ring import PackedRing
 from .split_ring import SplitRing
 
 F = FrontendRequest
@@ -182,7 +183,7 @@ class QueueState:
         default_factory=lambda: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     )
     err_fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-    ring: SplitRing | None = None
+    ring: SplitRing | PackedRing | None = None
     stopped_base: int | None = None  # the last GET_VRING_BASE answer, the next start's base
 
     def close(self) -> None:
@@ -839,13 +840,14 @@ class Frontend:
         self.set_vring_addr(index, ring.desc_user_addr, ring.used_user_addr, ring.avail_user_addr)
         self.set_vring_kick(index)
 
-    def _new_ring(self, index: int, size: int, start_index: int = 0) -> SplitRing:
+    def _new_ring(self, index: int, size: int, start_index: int = 0) -> SplitRing | PackedRing:
         queue = self.queue(index)
         if queue.ring is not None:
             queue.ring.release()
         event_idx = bool(self.acked_features & VirtioFeature.EVENT_IDX)
         iommu = self.iommu_of_asid(self.asid_of_ring(index)) if self.iommus else None
-        queue.ring = SplitRing(
+        layout = PackedRing if self.acked_features & VirtioFeature.RING_PACKED else SplitRing
+        queue.ring = layout(
             self.ram, size, event_idx=event_idx, start_index=start_index, iommu=iommu
         )
         queue.stopped_base = None
@@ -883,10 +885,12 @@ class Frontend:
         rings = []
         for index, size in enumerate(queue_sizes):
             queue = self.queue(index)
-            if queue.ring is None or queue.ring.size != size:
+            packed = bool(features & VirtioFeature.RING_PACKED)
+            if queue.ring is None or queue.ring.size != size or (
+                    isinstance(queue.ring, PackedRing) != packed):
                 self._new_ring(index, size)
             assert queue.ring is not None
-            self._configure_ring(index, queue.ring, queue.ring.last_used_idx)
+            self._configure_ring(index, queue.ring, queue.ring.start_base)
             rings.append(queue.ring)
         if self.protocol_features_negotiated:
             for index in range(len(queue_sizes)):
@@ -931,7 +935,7 @@ class Frontend:
         if ring is None:
             raise FrontendError(f"ring {index} has no size yet")
         if base is None:
-            base = queue.stopped_base if queue.stopped_base is not None else ring.last_used_idx
+            base = queue.stopped_base if queue.stopped_base is not None else ring.start_base
         self._configure_ring(index, ring, base)
         self.set_vring_call(index)
         if self.protocol_features_negotiated:

@@ -142,6 +142,12 @@ class SplitRing:
         self.avail_idx = self.shadow_avail_idx
         self.used_idx = self.shadow_avail_idx
 
+    @property
+    def start_base(self) -> int:
+        """The SET_VRING_BASE value for (re)starting the ring: the used index, as QEMU
+        sends it (read from guest memory)."""
+        return self.last_used_idx
+
     def release(self) -> None:
         """Give the ring's memory back to the allocator (the ring is unusable after)."""
         self.reset()

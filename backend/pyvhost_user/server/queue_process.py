@@ -18,11 +18,12 @@ The stop request is a byte of a shared anonymous page, checked between
 requests, plus a write to the loop's stop eventfd to wake it. The child
 reports over a pipe, one JSON line each: its first completion (the flight
 recorder's FIRST_IO), a ring it found broken (the session marks it and
-signals the error eventfd), and last its final state (the next avail index,
-the requests served, the device's counters). A child that dies without that
-report leaves the ring to be served again from the used index: what it had
+signals the error eventfd), and last its final state (the base to resume
+from, the requests served, the device's counters). A child that dies without that
+report leaves a split ring to be served again from the used index (what it had
 taken and not completed is made available again, and the inflight buffer, when
-negotiated, has the exact record.
+negotiated, has the exact record); a packed ring has no such index in memory
+and is marked broken.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..devices.base import Device
-from ..virtqueue import QueueConfig, SplitQueue
+from ..virtqueue import PackedQueue, QueueConfig, SplitQueue
 from .queue_worker import QueueWorker
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ProcessQueueWorker:
 
     def __init__(
         self,
-        queue: SplitQueue,
+        queue: SplitQueue | PackedQueue,
         config: QueueConfig,
         device: Device,
         on_broken: Callable[[int, str], None],
@@ -116,7 +117,7 @@ class ProcessQueueWorker:
         raise RuntimeError("a worker process is restarted, not re-enabled")
 
     def stop(self) -> int:
-        """Stop after the request in progress; return the next avail index to serve."""
+        """Stop after the request in progress; return the base to resume from (GET_VRING_BASE)."""
         assert self.pid is not None and self._reader is not None
         self._stop_view[0] = 1
         os.eventfd_write(self._loop._stop_fd, 1)
@@ -130,17 +131,23 @@ class ProcessQueueWorker:
         os.close(self._loop._stop_fd)
         final = self._final
         if final is None:
-            used = self.queue.used16[1]
-            log.error(
-                "queue %d: worker process %d ended (%s) without its report: the ring "
-                "is served again from its used index %d", self.queue.index, self.pid,
-                _describe_status(status), used,
-            )
-            return used
+            how = _describe_status(status)
+            if isinstance(self.queue, SplitQueue):
+                used = self.queue.used16[1]
+                log.error(
+                    "queue %d: worker process %d ended (%s) without its report: the ring "
+                    "is served again from its used index %d", self.queue.index, self.pid, how, used,
+                )
+                return used
+            # A packed ring keeps no used index in memory to start again from.
+            reason = f"worker process {self.pid} ended ({how}) without its report"
+            log.error("queue %d: %s", self.queue.index, reason)
+            self._on_broken(self.queue.index, reason)
+            return self.config.base
         self.completed = final["completed"]
         self.misses = final["misses"]
         self.device.add_counters(final["counters"])
-        return int(final["last_avail_idx"])
+        return int(final["vring_base"])
 
     def _read_reports(self, fd: int) -> None:
         index = self.queue.index
@@ -186,7 +193,7 @@ class ProcessQueueWorker:
         loop._run()
         loop.finish_offloaded()
         self._report({"final": {
-            "last_avail_idx": loop.queue.last_avail_idx,
+            "vring_base": loop.queue.vring_base,
             "completed": loop.completed,
             "misses": loop.misses,
             "counters": self.device.private_counters(),

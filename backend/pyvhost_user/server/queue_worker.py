@@ -42,6 +42,7 @@ from ..virtqueue import (
     BadChain,
     DescriptorChain,
     InvalidQueueConfig,
+    PackedQueue,
     QueueConfig,
     QueueCorrupted,
     SplitQueue,
@@ -79,7 +80,7 @@ class TranslationSource(Protocol):
 class QueueWorker:
     def __init__(
         self,
-        queue: SplitQueue,
+        queue: SplitQueue | PackedQueue,
         config: QueueConfig,
         device: Device,
         call_lock: threading.Lock,
@@ -135,7 +136,7 @@ class QueueWorker:
             self._enabled.clear()
 
     def stop(self) -> int:
-        """Stop after the request in progress; return the next avail index to serve."""
+        """Stop after the request in progress; return the base to resume from (GET_VRING_BASE)."""
         self._stop_flag[0] = 1
         os.eventfd_write(self._stop_fd, 1)
         waiting_on = self._waiting_on
@@ -145,7 +146,7 @@ class QueueWorker:
         self._thread.join()
         self.finish_offloaded()
         os.close(self._stop_fd)
-        return self.queue.last_avail_idx
+        return self.queue.vring_base
 
     @property
     def _stopping(self) -> bool:
@@ -288,9 +289,10 @@ class QueueWorker:
             if gpa is not None:
                 log.mark(gpa, len(view))
         if self.config.log_used:
-            # log_guest_addr is the used ring's guest physical address (also behind
-            # an IOTLB); the whole ring is a page or two.
-            log.mark(self.config.log_guest_addr, 6 + 8 * self.queue.size)
+            # log_guest_addr is the used ring's (packed: device area's) guest physical
+            # address, also behind an IOTLB; the whole ring is a page or two.
+            for gpa, length in self.queue.ring_log_ranges(self.config.log_guest_addr, memory):
+                log.mark(gpa, length)
 
     def _await_translation(self, miss: IotlbMiss) -> None:
         """Ask the front-end for ``miss`` and wait for the IOTLB to change (or a stop)."""

@@ -32,8 +32,9 @@ from ..memory.iotlb import DefaultMapping, Iotlb, IotlbError, IotlbSpace
 from ..memory.iotlb_state import IotlbStateError
 from ..memory.map_cost import MapCostError, MapCostModel
 from ..recorder import FlightRecorder
-from ..virtqueue import InvalidQueueConfig, QueueConfig, SplitQueue, signal_eventfd
+from ..virtqueue import InvalidQueueConfig, PackedQueue, QueueConfig, SplitQueue, signal_eventfd
 from ..virtqueue.inflight import InflightQueue, InflightRegion
+from ..virtqueue.inflight_packed import PackedInflightQueue
 from ..wire import (
     U64,
     DEVICE_STATE_REPLY_NO_FD,
@@ -83,6 +84,7 @@ TRANSPORT_FEATURES = int(
     | VF.EVENT_IDX
     | VF.VHOST_USER_F_PROTOCOL_FEATURES
     | VF.ACCESS_PLATFORM
+    | VF.RING_PACKED
 )
 PROTOCOL_FEATURES = int(
     PF.MQ
@@ -224,6 +226,7 @@ class Session:
         self._batch: list[tuple[int, IotlbMsg]] | None = None
         self._state_transfer: StateTransfer | None = None
         self.inflight: InflightRegion | None = None
+        self._packed_rings_started: set[int] = set()  # rings started by this session (packed)
         self._dirty_log: DirtyLog | None = None
         self._backend_channel: socket.socket | None = None
         self._backend_channel_lock = threading.Lock()
@@ -440,6 +443,10 @@ class Session:
     def access_platform(self) -> bool:
         return bool(self.acked_features & VF.ACCESS_PLATFORM)
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.acked_features & VF.RING_PACKED)
+
     def _set_owner(self, m: Message) -> None:
         if self.owner:
             # The front-end initialises its device again on this connection: QEMU 7.2
@@ -544,7 +551,10 @@ class Session:
         size = m.payload.num
         if ring.started:
             raise Refused(m.request, f"ring {ring.config.index} is running")
-        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+        if self.packed:
+            if not 0 < size <= MAX_QUEUE_SIZE:  # packed rings need no power of 2
+                raise Refused(m.request, f"packed ring size {size} is not in 1..{MAX_QUEUE_SIZE}")
+        elif not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise Refused(m.request, f"ring size {size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
         ring.config.size = size
 
@@ -574,7 +584,7 @@ class Session:
         ring = self._ring(m.payload.index)
         if ring.started:
             raise Refused(m.request, f"ring {ring.config.index} is running")
-        if m.payload.num > 0xFFFF:
+        if m.payload.num > 0xFFFF and not self.packed:
             raise Refused(m.request, f"split ring base {m.payload.num} is above 65535")
         ring.config.base = m.payload.num
 
@@ -683,32 +693,43 @@ class Session:
         if not self.acked_features & VF.VHOST_USER_F_PROTOCOL_FEATURES:
             c.enabled = True  # without protocol features rings start enabled
         inflight = self._inflight_queue(c.index, c.size)
+        ring_options: dict[str, Any] = {}
+        queue_class: type[SplitQueue] | type[PackedQueue] = SplitQueue
+        if self.packed:
+            queue_class = PackedQueue
+            # A record this session did not write (a reconnect) holds the used
+            # position; after our own stop the base we answered is the truth.
+            ring_options["recover_inflight"] = c.index not in self._packed_rings_started
+            self._packed_rings_started.add(c.index)
         if self.access_platform:
             # Ring and buffer addresses are IOVAs of the ring's group's ASID;
             # rings are translated by the worker, which can wait for a miss.
             group = self.device.queue_group(c.index)
             space = IotlbSpace(self.asids.iotlb_of_group(group))
-            queue = SplitQueue(
+            queue = queue_class(
                 c, space, space,
                 event_idx=bool(self.acked_features & VF.EVENT_IDX),
                 indirect=bool(self.acked_features & VF.INDIRECT_DESC),
                 eager=False,
-                inflight=inflight,
+                inflight=inflight,  # type: ignore[arg-type]
+                **ring_options,
             )
         else:
-            queue = SplitQueue(
+            queue = queue_class(
                 c,
                 DirectSpace(self.memory, "uva"),
                 DirectSpace(self.memory, "gpa"),
                 event_idx=bool(self.acked_features & VF.EVENT_IDX),
                 indirect=bool(self.acked_features & VF.INDIRECT_DESC),
                 eager=False,
-                inflight=inflight,
+                inflight=inflight,  # type: ignore[arg-type]
+                **ring_options,
             )
             queue.ensure_rings()  # refuse the kick now if the rings are not in memory
         if queue.resubmit:
             log.warning("ring %d: resubmitting %d request(s) a previous back-end left in flight: "
-                        "heads %s", c.index, len(queue.resubmit), list(queue.resubmit))
+                        "heads %s", c.index, len(queue.resubmit),
+                        [r[0] if isinstance(r, tuple) else r for r in queue.resubmit])
         ring.broken_reason = None
         c.broken = False
         if self._worker_process_allowed():
@@ -724,6 +745,12 @@ class Session:
         ring.worker.start()
         self._emit("RING_STARTED", {"queue": c.index, "size": c.size, "base": c.base,
                                     "enabled": c.enabled})
+        if isinstance(queue, PackedQueue):
+            log.info("ring %d started: packed, size %d base %#x, resuming at %d wrap %d, "
+                     "used %d wrap %d %s", c.index, c.size, c.base, queue.avail_pos,
+                     queue.avail_wrap, queue.used_pos, queue.used_wrap,
+                     "enabled" if c.enabled else "disabled")
+            return
         log.info(
             "ring %d started: size %d base %d used %d %s",
             c.index,
@@ -906,8 +933,13 @@ class Session:
         m.close_fds()
 
     # -- inflight tracking (survives a back-end crash) --------------------------------
-    def _inflight_queue(self, index: int, size: int) -> InflightQueue | None:
+    def _inflight_queue(self, index: int, size: int) -> InflightQueue | PackedInflightQueue | None:
         if self.inflight is None:
+            return None
+        if self.inflight.packed != self.packed:
+            log.warning("ring %d: the inflight buffer has the %s layout, the ring is %s", index,
+                        "packed" if self.inflight.packed else "split",
+                        "packed" if self.packed else "split")
             return None
         if index >= self.inflight.num_queues or size != self.inflight.queue_size:
             log.warning("ring %d (size %d) is not covered by the inflight buffer (%d queues of %d)",
@@ -920,9 +952,11 @@ class Session:
         assert isinstance(p, InflightDescription)
         if not 0 < p.num_queues <= len(self.rings):
             raise Refused(m.request, f"inflight for {p.num_queues} queues; the device has {len(self.rings)}")
-        if not 0 < p.queue_size <= MAX_QUEUE_SIZE or p.queue_size & (p.queue_size - 1):
+        if not 0 < p.queue_size <= MAX_QUEUE_SIZE or (
+                p.queue_size & (p.queue_size - 1) and not self.packed):
             raise Refused(m.request, f"inflight queue size {p.queue_size} is not a power of 2")
-        region, fd = InflightRegion.allocate(p.num_queues, p.queue_size)
+        region, fd = InflightRegion.allocate(p.num_queues, p.queue_size, packed=self.packed)
+        self._packed_rings_started.clear()  # a new record: nothing in it to recover
         self.inflight = region
         log.info("inflight buffer: %d bytes for %d queue(s) of %d", region.mmap_size,
                  p.num_queues, p.queue_size)
@@ -936,13 +970,14 @@ class Session:
             if not 0 < p.num_queues <= len(self.rings):
                 raise InvalidQueueConfig(f"{p.num_queues} queues; the device has {len(self.rings)}")
             region = InflightRegion(m.fds[0], p.mmap_size, p.mmap_offset, p.num_queues,
-                                    p.queue_size, self.options.memory_seal)
+                                    p.queue_size, self.options.memory_seal, packed=self.packed)
         except InvalidQueueConfig as exc:
             raise Refused(m.request, str(exc)) from None
         finally:
             m.close_fds()
         self.inflight = region
-        in_flight = sum(len(q.in_flight_heads()) for q in region.queues)
+        in_flight = sum(len(q.in_flight_entries() if region.packed else q.in_flight_heads())
+                        for q in region.queues)
         log.info("inflight buffer set: %d queue(s) of %d, %d request(s) recorded in flight",
                  p.num_queues, p.queue_size, in_flight)
 

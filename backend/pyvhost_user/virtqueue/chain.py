@@ -94,45 +94,69 @@ def walk_chain(
                 raise BadChain(head, f"indirect table length {length} is not a multiple of 16")
             if chain.descriptor_count:
                 raise BadChain(head, "indirect descriptor after direct descriptors")
-            try:
-                space = table_space or buffers
-                current_table = space.view(addr, length, write=False)
-            except IotlbMiss:
-                raise
-            except GuestMemoryError as exc:
-                raise BadChain(head, f"indirect table: {exc}") from None
+            current_table = indirect_table_view(chain, table_space or buffers, addr, length)
             in_indirect = True
             limit = length // DESC_SIZE
             budget = limit
             index = 0
             continue
-        write = bool(flags & VIRTQ_DESC_F_WRITE)
-        if not write and chain.writable_len:
-            raise BadChain(head, "device-readable descriptor after a writable one")
-        if length:
-            try:
-                views = buffers.views(addr, length, write=write)
-            except IotlbMiss:
-                raise
-            except IotlbAccessDenied as exc:
-                chain.access_denied = chain.access_denied or exc
-                views = []
-            except GuestMemoryError as exc:
-                raise BadChain(head, f"descriptor {index}: {exc}") from None
-            if write:
-                chain.writable.extend(views)
-                chain.writable_len += length
-                chain.last_writable_denied = not views
-                if chain.writable_len >= U32_LIMIT:
-                    raise BadChain(head, "writable length overflows 32 bits")
-            else:
-                chain.readable.extend(views)
-                chain.readable_len += length
-                if chain.readable_len >= U32_LIMIT:
-                    raise BadChain(head, "readable length overflows 32 bits")
-        chain.descriptor_count += 1
+        add_buffer(chain, buffers, addr, length, bool(flags & VIRTQ_DESC_F_WRITE),
+                   "descriptor {}", index)
         if not flags & VIRTQ_DESC_F_NEXT:
             return chain
         if next_index >= limit:
             raise BadChain(head, f"next index {next_index} >= table size {limit}")
         index = next_index
+
+
+# -- shared by both ring layouts (split here, packed in packed.py) -------------
+def indirect_table_view(
+    chain: DescriptorChain, space: AddressSpace, addr: int, length: int
+) -> memoryview:
+    """The indirect table ``addr``/``length`` names, read-only (its length already checked)."""
+    try:
+        return space.view(addr, length, write=False)
+    except IotlbMiss:
+        raise
+    except GuestMemoryError as exc:
+        raise BadChain(chain.head, f"indirect table: {exc}") from None
+
+
+def add_buffer(
+    chain: DescriptorChain,
+    buffers: AddressSpace,
+    addr: int,
+    length: int,
+    write: bool,
+    where: str,
+    number: int,
+) -> None:
+    """Append one descriptor's buffer to ``chain`` as views, with the checks every
+    layout shares: readable before writable, inside memory (or the IOTLB, with the
+    permission needed), totals below 2**32. ``where.format(number)`` names the
+    descriptor in errors (formatted only then: this runs for every buffer)."""
+    head = chain.head
+    if not write and chain.writable_len:
+        raise BadChain(head, "device-readable descriptor after a writable one")
+    if length:
+        try:
+            views = buffers.views(addr, length, write=write)
+        except IotlbMiss:
+            raise
+        except IotlbAccessDenied as exc:
+            chain.access_denied = chain.access_denied or exc
+            views = []
+        except GuestMemoryError as exc:
+            raise BadChain(head, f"{where.format(number)}: {exc}") from None
+        if write:
+            chain.writable.extend(views)
+            chain.writable_len += length
+            chain.last_writable_denied = not views
+            if chain.writable_len >= U32_LIMIT:
+                raise BadChain(head, "writable length overflows 32 bits")
+        else:
+            chain.readable.extend(views)
+            chain.readable_len += length
+            if chain.readable_len >= U32_LIMIT:
+                raise BadChain(head, "readable length overflows 32 bits")
+    chain.descriptor_count += 1

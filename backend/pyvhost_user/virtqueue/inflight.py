@@ -23,6 +23,7 @@ from typing import Final
 
 from ..memory.peer_fd import PeerFdError, SealPolicy, map_peer_fd
 from .errors import InvalidQueueConfig
+from .inflight_packed import PackedInflightQueue, packed_queue_region_size
 
 HEADER: Final = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 DESC_STATE: Final = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
@@ -106,12 +107,16 @@ class InflightQueue:
 
 
 class InflightRegion:
-    """The whole shared buffer: ``num_queues`` regions, mapped from an fd."""
+    """The whole shared buffer: ``num_queues`` regions, mapped from an fd.
+
+    ``packed``: the regions have the packed layout (inflight_packed.py), which
+    any queue size may use."""
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                 queue_size: int, seal: SealPolicy = SealPolicy.TRY) -> None:
-        per_queue = queue_region_size(queue_size)
-        if num_queues == 0 or queue_size == 0 or queue_size & (queue_size - 1):
+                 queue_size: int, seal: SealPolicy = SealPolicy.TRY, *,
+                 packed: bool = False) -> None:
+        per_queue = (packed_queue_region_size if packed else queue_region_size)(queue_size)
+        if num_queues == 0 or queue_size == 0 or (queue_size & (queue_size - 1) and not packed):
             raise InvalidQueueConfig(f"inflight for {num_queues} queues of size {queue_size}")
         if mmap_size < per_queue * num_queues:
             raise InvalidQueueConfig(
@@ -127,23 +132,30 @@ class InflightRegion:
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.mmap_size = mmap_size
-        self.queues = [
-            InflightQueue(view[i * per_queue : (i + 1) * per_queue], queue_size)
+        self.packed = packed
+        queue_class = PackedInflightQueue if packed else InflightQueue
+        self.queues: list = [
+            queue_class(view[i * per_queue : (i + 1) * per_queue], queue_size)
             for i in range(num_queues)
         ]
 
     @classmethod
-    def allocate(cls, num_queues: int, queue_size: int) -> tuple[InflightRegion, int]:
-        """A new zeroed buffer in a memfd; returns the region and the fd to send."""
-        size = queue_region_size(queue_size) * num_queues
+    def allocate(cls, num_queues: int, queue_size: int, *,
+                 packed: bool = False) -> tuple[InflightRegion, int]:
+        """A new buffer in a memfd; returns the region and the fd to send. Packed
+        regions stay zeroed (uninitialized) until their ring starts: they record
+        the ring's used position, which only the start knows."""
+        per_queue = (packed_queue_region_size if packed else queue_region_size)(queue_size)
+        size = per_queue * num_queues
         # Sealable, so that mapping it seals it against shrinking (memory/peer_fd.py).
         fd = os.memfd_create("pyvhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            region = cls(fd, size, 0, num_queues, queue_size)
+            region = cls(fd, size, 0, num_queues, queue_size, packed=packed)
         except BaseException:
             os.close(fd)
             raise
-        for queue in region.queues:
-            queue.initialize()
+        if not packed:
+            for queue in region.queues:
+                queue.initialize()
         return region, fd

@@ -28,6 +28,7 @@ from typing import Final
 
 from ..memory.address_space import AddressSpace
 from ..memory.errors import GuestMemoryError
+from ..memory.guest_memory import GuestMemory
 from ..memory.iotlb import IotlbMiss
 from .chain import DESC_SIZE, DescriptorChain, walk_chain
 from .errors import InvalidQueueConfig, QueueCorrupted
@@ -172,6 +173,11 @@ class SplitQueue:
         self._inflight_counter = pending[-1][0] + 1
         self.last_avail_idx = (self.used_idx + len(pending)) & 0xFFFF
 
+    @property
+    def vring_base(self) -> int:
+        """What GET_VRING_BASE answers: the next avail index to read."""
+        return self.last_avail_idx
+
     # -- driver -> device ----------------------------------------------------
     def avail_idx(self) -> int:
         return self.avail16[1]
@@ -254,6 +260,11 @@ class SplitQueue:
     def used_ring_range(self) -> tuple[int, int]:
         """(offset, length) of the used ring in its address space, for dirty logging."""
         return 0, 6 + 8 * self.size
+
+    def ring_log_ranges(self, log_guest_addr: int, memory: GuestMemory) -> list[tuple[int, int]]:
+        """(gpa, length) of the ring memory the device writes, to mark in a dirty log.
+        ``log_guest_addr`` is the used ring's guest physical address (SET_VRING_ADDR)."""
+        return [(log_guest_addr, 6 + 8 * self.size)]
 
 
 def signal_eventfd(fd: int | None) -> None:
