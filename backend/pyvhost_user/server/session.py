@@ -217,7 +217,7 @@ class Session:
         self._backend_channel: socket.socket | None = None
         self._backend_channel_lock = threading.Lock()
         self.offered_features = TRANSPORT_FEATURES | device.device_features
-        self.offered_protocol_features = PROTOCOL_FEATURES
+        self.offered_protocol_features = PROTOCOL_FEATURES | _device_protocol_features(device)
         self.acked_features = 0
         self.features_set = False
         self.acked_protocol_features = 0
@@ -268,6 +268,8 @@ class Session:
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
             R.SET_DEVICE_STATE_FD: self._set_device_state_fd,
             R.CHECK_DEVICE_STATE: self._check_device_state,
+            R.SEND_RARP: self._send_rarp,
+            R.NET_SET_MTU: self._net_set_mtu,
             VR.GET_NUM_ASIDS: self._get_num_asids,
             VR.GET_VRING_GROUP: self._get_vring_group,
             VR.SET_GROUP_ASID: self._set_group_asid,
@@ -958,6 +960,23 @@ class Session:
             transfer.cancel()
             log.info("device state transfer ended unchecked: %s", why)
 
+    # -- net requests ----------------------------------------------------------------
+    def _send_rarp(self, m: Message) -> None:
+        assert isinstance(m.payload, U64)
+        # The first 6 bytes of the u64 are the guest's MAC (QEMU memcpy's it in).
+        mac = m.payload.value.to_bytes(8, "little")[:6]
+        try:
+            self.device.send_rarp(mac)
+        except (DeviceError, OSError) as exc:
+            raise Refused(m.request, f"RARP not sent: {exc}") from None
+
+    def _net_set_mtu(self, m: Message) -> None:
+        assert isinstance(m.payload, U64)
+        try:
+            self.device.set_mtu(m.payload.value)
+        except DeviceError as exc:
+            raise Refused(m.request, str(exc)) from None
+
     # -- IOTLB ---------------------------------------------------------------------
     def iotlb(self, asid: int) -> Iotlb:
         return self.asids.iotlb(asid)
@@ -1141,6 +1160,11 @@ def _require_eventfd(code: int, fd: int, what: str) -> None:
         raise Refused(code, f"{what} fd {fd} cannot be inspected: {exc.strerror}") from None
     if target != "anon_inode:[eventfd]":
         raise Refused(code, f"{what} fd is not an eventfd ({target})")
+
+
+def _device_protocol_features(device: Device) -> int:
+    """The protocol features only some devices can honour (net's RARP and MTU)."""
+    return (int(PF.RARP) if device.sends_rarp else 0) | (int(PF.NET_MTU) if device.takes_mtu else 0)
 
 
 def _name(code: int) -> str:
