@@ -126,7 +126,9 @@ class VhostUserNet:
         chardev, netdev = f"char-net{index}", f"net{index}"
         device = f"virtio-net-pci,netdev={netdev},mac={self.mac}"
         if self.queue_pairs > 1:
-            device += f",mq=on,vectors={2 * self.queue_pairs + 2}"
+            device += ",mq=on"
+            if "vectors" not in self.options:
+                device += f",vectors={2 * self.queue_pairs + 2}"
         device += "".join(f",{k}={v}" for k, v in self.options.items())
         return ["-chardev", f"socket,id={chardev},path={os.fspath(self.socket)}",
                 "-netdev", f"vhost-user,id={netdev},chardev={chardev},queues={self.queue_pairs}",

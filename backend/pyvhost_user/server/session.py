@@ -205,6 +205,12 @@ class Session:
         self.map_cost = MapCostModel(self.options.map_cost, self.options.map_cost_seconds_per_gib)
         self.reset_map_seconds = 0.0  # reset_map is never charged: it is measured
         self.memory = memory or GuestMemory(max_regions=MAX_MEM_SLOTS)
+        # (gpa, size, uaddr) -> how many ADD_MEM_REG added it: QEMU's vhost-user-net
+        # has one vhost_dev per queue pair on one connection, and each sends the
+        # whole memory table (7.2 and 10.0, traced): the same region comes N times.
+        # Only the very same memory counts: same fd offset and file (device, inode).
+        self._region_adds: dict[tuple[int, int, int], int] = {}
+        self._region_files: dict[tuple[int, int, int], tuple[int, int, int]] = {}
         # Until a front-end says otherwise, it is a stock one: with ACCESS_PLATFORM
         # its ASID 0 is a guest vIOMMU's, so no ASID starts as identity.
         self.asids = AddressSpaces(
@@ -464,6 +470,8 @@ class Session:
         for region in table.regions:
             self._charge_table_region(m.request, region)
         self.memory.clear()
+        self._region_adds.clear()
+        self._region_files.clear()
         for region in table.regions:
             self.memory.add(region)
         for region in self.memory.regions:
@@ -472,6 +480,18 @@ class Session:
     def _add_mem_reg(self, m: Message) -> None:
         assert isinstance(m.payload, SingleMemRegion)
         region = m.payload.region
+        key = (region.guest_phys_addr, region.size, region.user_addr)
+        try:
+            st = os.fstat(m.fds[0])
+            backing = (region.mmap_offset, st.st_dev, st.st_ino)
+        except OSError:
+            backing = None
+        if backing is not None and self._region_files.get(key) == backing:
+            m.close_fds()  # the region we hold is the same memory
+            self._region_adds[key] = self._region_adds.get(key, 1) + 1
+            log.info("memory region at gpa %#x added again (%d times): kept as it is",
+                     region.guest_phys_addr, self._region_adds[key])
+            return
         try:
             mapped = map_region(
                 m.fds[0], region.guest_phys_addr, region.size, region.user_addr, region.mmap_offset,
@@ -487,6 +507,8 @@ class Session:
         except Refused:
             self.memory.remove(mapped.guest_phys_addr, mapped.size, mapped.user_addr)
             raise
+        if backing is not None:
+            self._region_files[key] = backing
         log.info("memory region added: %s", mapped.describe())
 
     def _charge_table_region(self, code: int, region: MappedRegion) -> None:
@@ -506,6 +528,14 @@ class Session:
         assert isinstance(m.payload, SingleMemRegion)
         m.close_fds()  # "the back-end MUST close it without using it otherwise"
         region = m.payload.region
+        key = (region.guest_phys_addr, region.size, region.user_addr)
+        if self._region_adds.get(key, 1) > 1:
+            self._region_adds[key] -= 1
+            log.info("memory region at gpa %#x removed by one of its %d adders: kept",
+                     region.guest_phys_addr, self._region_adds[key] + 1)
+            return
+        self._region_adds.pop(key, None)
+        self._region_files.pop(key, None)
         try:
             removed = self.memory.remove(region.guest_phys_addr, region.size, region.user_addr)
         except BadMemoryRegion as exc:
@@ -812,6 +842,8 @@ class Session:
             log.info("%s: ASIDs %s it changed are back to their defaults", who, touched)
             self._emit("RESET_MAP", {"asids": touched, "cause": cause})
         self.memory.clear()
+        self._region_adds.clear()
+        self._region_files.clear()
 
     # -- dirty logging (live migration) -------------------------------------------
     def dirty_log(self) -> DirtyLog | None:
