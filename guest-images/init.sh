@@ -19,6 +19,11 @@
 #   pvu_seq_jobs=P               "seqwrite": parallel writers (default 1)
 #   pvu_seq_load=1               "seqwrite": also keep O_DIRECT reads in flight
 #                                (after the records) while the writers run
+#   pvu_net_ip=10.0.0.1/24       "ping": the address of eth0 (the virtio-net NIC)
+#   pvu_net_peer=10.0.0.2        "ping": the address to ping until it answers
+#   pvu_net_tries=90             "ping": one-second attempts before giving up
+#
+# Steps that need no disk (ping, release) run without waiting for one.
 #
 # Everything the host parses is a marker line on the console (ttyS0):
 #   PVU-BOOT                     start of every boot
@@ -56,6 +61,9 @@ SEQ_COUNT=256
 SEQ_FIRST=0
 SEQ_JOBS=1
 SEQ_LOAD=0
+NET_IP=""
+NET_PEER=""
+NET_TRIES=90
 for word in $(cat /proc/cmdline); do
     case "$word" in
         pvu_steps=*) STEPS=$(echo "${word#pvu_steps=}" | tr ',' ' ') ;;
@@ -68,6 +76,9 @@ for word in $(cat /proc/cmdline); do
         pvu_seq_first=*) SEQ_FIRST=${word#pvu_seq_first=} ;;
         pvu_seq_jobs=*) SEQ_JOBS=${word#pvu_seq_jobs=} ;;
         pvu_seq_load=*) SEQ_LOAD=${word#pvu_seq_load=} ;;
+        pvu_net_ip=*) NET_IP=${word#pvu_net_ip=} ;;
+        pvu_net_peer=*) NET_PEER=${word#pvu_net_peer=} ;;
+        pvu_net_tries=*) NET_TRIES=${word#pvu_net_tries=} ;;
     esac
 done
 DEV=/dev/$DISK
@@ -340,11 +351,62 @@ step_hold() {
     result hold released
 }
 
-if [ -n "$STEPS" ]; then
+# ---- network steps (no disk needed) --------------------------------------------
+# Bring eth0 up with $NET_IP and ping $NET_PEER until it answers (the peer may
+# boot later): "ping=ok" with the attempts it took, then three more echo
+# requests whose replies are counted (ping_replies=3 when nothing was lost).
+step_ping() {
+    i=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        i=$((i + 1))
+        if [ $i -gt 200 ]; then
+            error "ping: no eth0 after 20 s"; result ping failed; return
+        fi
+        sleep 0.1
+    done
+    result net_mac "$(cat /sys/class/net/eth0/address)"
+    ip addr add "$NET_IP" dev eth0 && ip link set eth0 up || {
+        error "ping: cannot configure eth0 with $NET_IP"; result ping failed; return
+    }
+    n=0
+    while [ $n -lt "$NET_TRIES" ]; do
+        n=$((n + 1))
+        if ping -c 1 -W 1 "$NET_PEER" >/dev/null 2>&1; then
+            result ping_attempts "$n"
+            replies=$(ping -c 3 -W 2 "$NET_PEER" 2>/dev/null | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+            result ping_replies "${replies:-0}"
+            result ping ok
+            return
+        fi
+    done
+    error "ping: $NET_PEER did not answer in $NET_TRIES attempts"
+    result ping failed
+}
+
+# Wait for one line on the console (Machine(serial_input=True).send_serial):
+# the guest stays up, answering pings, until the host lets it go.
+step_release() {
+    result release waiting
+    if ! read -r line; then
+        error "release: console input closed"; result release failed; return
+    fi
+    result release released
+}
+
+NEEDS_DISK=0
+for step in $STEPS; do
+    case "$step" in ping|release) ;; *) NEEDS_DISK=1 ;; esac
+done
+
+if [ -n "$STEPS" ] && [ "$NEEDS_DISK" = 0 ]; then
+    for step in $STEPS; do
+        "step_$step"
+    done
+elif [ -n "$STEPS" ]; then
     if wait_disk; then
         for step in $STEPS; do
             case "$step" in
-                queues|md5|md5parts|write|writefail|rebind|seqwrite|hold) "step_$step" ;;
+                queues|md5|md5parts|write|writefail|rebind|seqwrite|hold|ping|release) "step_$step" ;;
                 *) error "unknown step $step" ;;
             esac
         done

@@ -22,12 +22,14 @@ SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, without the final NUL
 
 
 def listen_unix(
-    path: str, *, mode: int = 0o600, backlog: int = 4, group: str | None = None
+    path: str, *, mode: int = 0o600, backlog: int = 4, group: str | None = None,
+    kind: int = socket.SOCK_STREAM,
 ) -> socket.socket:
     """A listening socket at ``path``; raises ``ValueError`` or ``OSError``.
 
     ``group``: give the socket to this group (then ``mode`` 0660 lets its members
-    connect, e.g. a QEMU that runs as another user).
+    connect, e.g. a QEMU that runs as another user). ``kind``: SOCK_STREAM, or
+    SOCK_SEQPACKET (the net switch).
     """
     gid = -1
     if group is not None:
@@ -44,7 +46,7 @@ def listen_unix(
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe = socket.socket(socket.AF_UNIX, kind)
         try:
             probe.connect(path)
         except OSError:
@@ -54,7 +56,7 @@ def listen_unix(
             raise ValueError(f"{path} is in use by another process")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     if len(os.fsencode(staging)) > SUN_PATH_MAX:
         staging = path  # bind in place when the temporary name would not fit

@@ -169,8 +169,11 @@ def test_set_owner_again_starts_the_session_over_keeping_what_came_before_it(ses
         payload = SingleMemRegion(region.mem_region())
         assert acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
                           need_reply=True))
-        assert not acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
-                              need_reply=True))  # an overlap, within one session
+        # The same memory again (QEMU's vhost-user-net sends it once per queue
+        # pair): taken, and counted, not mapped twice.
+        assert acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
+                          need_reply=True))
+        assert len(session.memory) == 1
         send(session, R.SET_OWNER)
         assert len(session.memory) == 0 and session.acked_protocol_features == PROTOCOL_FEATURES
         assert acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
@@ -179,3 +182,32 @@ def test_set_owner_again_starts_the_session_over_keeping_what_came_before_it(ses
     finally:
         session.close()
         ram.close()
+
+
+def test_the_same_region_added_per_queue_pair_stays_until_each_adder_removed_it(session):
+    """QEMU 7.2 and 10.0 vhost-user-net (traced, 2 queue pairs): each pair's vhost_dev
+    sends ADD_MEM_REG for the same region on the one connection. Refusing the second
+    failed the device start; each REM_MEM_REG takes back one of them."""
+    ram = GuestRam()
+    other = GuestRam()
+    try:
+        negotiate(session)
+        region = ram.regions[0]
+        payload = SingleMemRegion(region.mem_region())
+        for _ in range(2):
+            assert acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(region.fd)],
+                              need_reply=True))
+        assert len(session.memory) == 1
+        # Same addresses, other memory (another memfd): an overlap, refused.
+        assert not acked(send(session, R.ADD_MEM_REG, payload, fds=[os.dup(other.regions[0].fd)],
+                              need_reply=True))
+        assert acked(send(session, R.REM_MEM_REG, payload, fds=[os.dup(region.fd)],
+                          need_reply=True))
+        assert len(session.memory) == 1
+        assert acked(send(session, R.REM_MEM_REG, payload, fds=[os.dup(region.fd)],
+                          need_reply=True))
+        assert len(session.memory) == 0
+    finally:
+        session.close()
+        ram.close()
+        other.close()

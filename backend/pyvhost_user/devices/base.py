@@ -75,6 +75,12 @@ class Device(abc.ABC):
         guess only changes which thread serves the request."""
         return False
 
+    # -- worker processes (server/queue_process.py) -------------------------------
+    #: Whether a ring may be served from a forked worker process: only when all
+    #: the device needs for a request is in what the child inherits (blk: the
+    #: image fd). Net is not: frames arrive in the back-end process.
+    allows_worker_processes: bool = False
+
     # -- counters of a worker process (server/queue_process.py) ------------------
     def start_private_counters(self) -> None:
         """In a worker process: count from zero, with locks of its own."""
@@ -88,6 +94,37 @@ class Device(abc.ABC):
 
     def reset(self) -> None:
         """Device reset: forget per-driver state (not the backing storage)."""
+
+    # -- queues the device fills on its own (net RX) ---------------------------------
+    # A kick-driven queue (blk, net TX) is served when the driver adds requests. A
+    # queue the device fills (net RX) is served when the device has something for it
+    # AND the driver has added buffers: a kick then only means "buffers added".
+    def work_fd(self, queue_index: int) -> int | None:
+        """An eventfd the device signals when it has new work for this queue that
+        no kick announces (frames arrived); None for a kick-driven queue."""
+        return None
+
+    def has_work(self, queue_index: int) -> bool:
+        """Whether a buffer popped now would be used: always, for a kick-driven queue."""
+        return True
+
+    def queue_ready(self, queue_index: int, ready: bool) -> None:
+        """The queue was started and enabled (True), or disabled or stopped (False)."""
+
+    # -- requests vhost-user defines for net devices ------------------------------------
+    #: offer the RARP protocol feature (VHOST_USER_SEND_RARP)
+    sends_rarp: bool = False
+    #: offer the NET_MTU protocol feature (VHOST_USER_NET_SET_MTU)
+    takes_mtu: bool = False
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Broadcast a RARP from ``mac`` (after a migration, for a guest that
+        cannot announce itself)."""
+        raise DeviceError(f"{self.capability_type or 'this'} device sends no RARP")
+
+    def set_mtu(self, mtu: int) -> None:
+        """The MTU the front-end's user configured."""
+        raise DeviceError(f"{self.capability_type or 'this'} device has no MTU")
 
     # -- migration (VHOST_USER_SET_DEVICE_STATE_FD) ----------------------------------
     def export_state(self) -> dict[str, Any]:

@@ -93,8 +93,6 @@ class _QueueSlots:
 
     def __init__(self, driver: BlkDriver, queue: int, depth: int, pattern: Pattern) -> None:
         ring = driver.ring(queue)
-        if ring.iommu is not None:
-            raise ValueError("the load generator drives rings without an IOMMU only")
         if ring.in_flight:
             raise ValueError(f"queue {queue} has requests in flight")
         if 3 * depth > ring.size:
@@ -121,9 +119,11 @@ class _QueueSlots:
             header = self._alloc(REQUEST_HEADER.size + 1, 16)
             data = self._alloc(pattern.block, 4096)
             h, d, s = ids[3 * slot : 3 * slot + 3]
-            ring.write_descriptor(h, header, REQUEST_HEADER.size, VIRTQ_DESC_F_NEXT, d)
-            ring.write_descriptor(d, data, pattern.block, data_flags, s)
-            ring.write_descriptor(s, header + REQUEST_HEADER.size, 1, VIRTQ_DESC_F_WRITE, 0)
+            ring.write_descriptor(h, self._dma(header, REQUEST_HEADER.size), REQUEST_HEADER.size,
+                                  VIRTQ_DESC_F_NEXT, d)
+            ring.write_descriptor(d, self._dma(data, pattern.block), pattern.block, data_flags, s)
+            ring.write_descriptor(s, self._dma(header + REQUEST_HEADER.size, 1), 1,
+                                  VIRTQ_DESC_F_WRITE, 0)
             self.ram.write(header, REQUEST_HEADER.pack(kind, 0, 0))
             self.heads[h] = slot
             self.headers.append(self.ram.view(header, REQUEST_HEADER.size))
@@ -131,6 +131,17 @@ class _QueueSlots:
             self.data.append(self.ram.view(data, pattern.block))
         self._ids = ids
         self.in_flight = 0
+
+    def _dma(self, gpa: int, length: int) -> int:
+        """The address the device sees: the gpa, or its IOVA behind an IOMMU (one run:
+        each buffer is one descriptor)."""
+        if self.ring.iommu is None:
+            return gpa
+        runs = self.ring.dma_segments([(gpa, length, False)])
+        if len(runs) != 1:
+            raise ValueError(f"buffer at gpa {gpa:#x} is {len(runs)} IOVA runs; the load "
+                             "generator needs one per buffer (e.g. a LinearIommu)")
+        return runs[0][0]
 
     def _alloc(self, size: int, align: int) -> int:
         gpa = self.ram.alloc(size, align)

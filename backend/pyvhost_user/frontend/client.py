@@ -509,6 +509,16 @@ class Frontend:
         self.queue_num = self._u64_reply(F.GET_QUEUE_NUM)
         return self.queue_num
 
+    def send_rarp(self, mac: bytes) -> None:
+        """VHOST_USER_SEND_RARP: the MAC in the first 6 bytes of the u64 (as QEMU
+        sends it after a migration, for a guest without GUEST_ANNOUNCE)."""
+        self._request(F.SEND_RARP, U64(int.from_bytes(bytes(mac).ljust(8, b"\0"), "little")),
+                      need_reply=True)
+
+    def net_set_mtu(self, mtu: int) -> None:
+        """VHOST_USER_NET_SET_MTU (QEMU sends it with NEED_REPLY)."""
+        self._request(F.NET_SET_MTU, U64(mtu), need_reply=True)
+
     def get_max_mem_slots(self) -> int:
         self.max_mem_slots = self._u64_reply(F.GET_MAX_MEM_SLOTS)
         return self.max_mem_slots

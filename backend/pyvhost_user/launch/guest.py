@@ -26,7 +26,8 @@ BUILDER_ENV = "PYVHOST_USER_GUEST_BUILDER"
 BUILDER_REL = Path("guest-images") / "build-guest.py"
 
 # Steps /init knows (pvu_steps=...).
-STEPS = ("queues", "md5", "md5parts", "write", "writefail", "rebind", "seqwrite", "hold")
+STEPS = ("queues", "md5", "md5parts", "write", "writefail", "rebind", "seqwrite", "hold",
+         "ping", "release")
 
 
 class GuestImageError(RuntimeError):

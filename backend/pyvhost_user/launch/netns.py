@@ -145,3 +145,51 @@ class VethHosts:
         """netns -> pids of the processes still inside it (``ip netns pids``)."""
         return {h.netns: [int(p) for p in _ip("netns", "pids", h.netns, check=False)
                           .stdout.split()] for h in (self.a, self.b)}
+
+
+@dataclass(frozen=True)
+class TapHost:
+    """A network namespace holding one persistent tap device with an address.
+
+    A vhost-user-net back-end started with ``prefix`` in front of its argv and
+    ``--tap interface`` attaches to it; the namespace's own stack (``ip netns
+    exec NAME ping ...``, a raw socket opened in it) is the far end.
+    """
+
+    netns: str
+    interface: str
+    address: str                 # with prefix length, e.g. "10.78.0.1/24"
+
+    @property
+    def ip(self) -> str:
+        return str(ipaddress.ip_interface(self.address).ip)
+
+    @property
+    def prefix(self) -> list[str]:
+        return netns_exec(self.netns)
+
+    @classmethod
+    def create(cls, address: str = "10.78.0.1/24", tag: str | None = None) -> TapHost:
+        """The namespace, the tap (owned by nobody until a back-end attaches), its
+        address, and the links up. Whatever was created is removed if a step fails."""
+        tag = tag or f"{os.getpid()}-{next(_counter)}"
+        host = cls(f"pvu-{tag}-tap", f"pvt{tag.replace('-', '')[-9:]}", address)
+        try:
+            _ip("netns", "add", host.netns)
+            _ip("-n", host.netns, "tuntap", "add", "dev", host.interface, "mode", "tap")
+            _ip("-n", host.netns, "addr", "add", host.address, "dev", host.interface)
+            _ip("-n", host.netns, "link", "set", "lo", "up")
+            _ip("-n", host.netns, "link", "set", host.interface, "up")
+        except BaseException:
+            host.remove(check=False)
+            raise
+        return host
+
+    def remove(self, check: bool = True) -> None:
+        """Delete the namespace (the tap goes with it). Idempotent."""
+        _ip("netns", "delete", self.netns, check=False)
+        if check and self.netns in namespaces():
+            raise NetnsError(f"network namespace {self.netns} still there after delete")
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in _ip("netns", "pids", self.netns, check=False).stdout.split()]

@@ -24,6 +24,8 @@ list insertion would move the whole table on every UPDATE.
 
 from __future__ import annotations
 
+import bisect
+
 import enum
 import queue
 import threading
@@ -98,6 +100,11 @@ _reaper_started = threading.Lock()
 _reaper: threading.Thread | None = None
 
 
+VIEW_CACHE_MAX = 16384  # buffers remembered per ring (a few MiB of views at most)
+CACHE_PAGE_SHIFT = 12
+CACHE_MAX_PAGES = 1 << 20  # 4 GiB of 4 KiB pages: then it starts over
+
+
 def _retire(table: object) -> None:
     """Drop ``table`` on a background thread: deallocating it is O(n) and must not
     make reset_map (or a persistent reset) cost time in the mapped size."""
@@ -113,6 +120,26 @@ def _reap_forever() -> None:
     while True:
         table = _reaper_queue.get()
         del table
+
+
+def _floor_entry(table: SortedKeyList, key: int) -> IotlbEntry | None:
+    """The entry with the greatest IOVA <= ``key``, or None: O(log n).
+
+    SortedKeyList's own way (bisect_key_right, then table[i]) goes through its
+    positional index, which costs microseconds in Python; this reads its
+    sublists directly (sortedcontainers 2.4's layout: ``_maxes`` holds each
+    sublist's greatest key, ``_keys`` and ``_lists`` the sublists; the version
+    is pinned, and tests/memory checks this against the public way)."""
+    maxes = table._maxes
+    if not maxes:
+        return None
+    pos = bisect.bisect_right(maxes, key)  # the first sublist with a key above ``key``
+    if pos == len(maxes):
+        return table._lists[-1][-1]
+    idx = bisect.bisect_right(table._keys[pos], key)
+    if idx:
+        return table._lists[pos][idx - 1]
+    return table._lists[pos - 1][-1] if pos else None
 
 
 def _new_table() -> SortedKeyList:
@@ -132,6 +159,13 @@ class Iotlb:
         self.default = default
         self.passthrough = default is DefaultMapping.IDENTITY
         self._entries: SortedKeyList = _new_table()
+        # What a hardware IOTLB is to its page table: page number -> the entry
+        # that covered it last time. A hit skips the sorted table's search (a few
+        # microseconds in Python at 64k entries, three times a request); any
+        # change of the table empties it.
+        # page -> (first iova, last iova, perm, kind, target - iova) of its entry
+        self._cache: dict[int, tuple[int, int, int, str, int]] = {}
+        self._cached = 0  # pages put in the cache since it was last emptied
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # waiters for an UPDATE after a miss
         self.generation = 0
@@ -252,7 +286,16 @@ class Iotlb:
             # A state that is this ASID's default leaves nothing to undo on disconnect.
             self._changed(touch=not self.is_default)
 
+    def _drop_cache(self) -> None:
+        # Replaced, never emptied, and counted rather than measured: a reset must
+        # not even look at the old containers (a reader may hold them).
+        old, self._cache = self._cache, {}
+        if self._cached:
+            self._cached = 0
+            _retire(old)  # freeing a large dict is O(n): not in the request that changed the table
+
     def _changed(self, *, touch: bool = True) -> None:
+        self._drop_cache()
         self.generation += 1
         self.touched = touch
         self.changed.notify_all()
@@ -264,9 +307,9 @@ class Iotlb:
             return i < len(self._entries) and self._entries[i] == IotlbEntry(iova, size, uaddr, perm)
 
     def _first_overlap(self, iova: int, last: int) -> IotlbEntry | None:
-        i = self._entries.bisect_key_right(last) - 1
-        if i >= 0 and self._entries[i].last >= iova:
-            return self._entries[i]
+        entry = _floor_entry(self._entries, last)
+        if entry is not None and entry.last >= iova:
+            return entry
         return None
 
     # -- translation -------------------------------------------------------------
@@ -285,6 +328,11 @@ class Iotlb:
             if self.passthrough:
                 pieces = [("gpa", iova, length)]
             else:
+                hit = self._cache.get(iova >> CACHE_PAGE_SHIFT)
+                if hit is not None:
+                    first, last, granted, kind, delta = hit
+                    if first <= iova and iova + length - 1 <= last and granted & perm == perm:
+                        return self.memory.views(kind, iova + delta, length)
                 pieces = self._resolve(iova, length, perm)
         out: list[memoryview] = []
         for kind, addr, size in pieces:
@@ -295,8 +343,7 @@ class Iotlb:
         pieces: list[tuple[str, int, int]] = []
         cursor, remaining = iova, length
         while remaining:
-            i = self._entries.bisect_key_right(cursor) - 1
-            entry = self._entries[i] if i >= 0 else None
+            entry = _floor_entry(self._entries, cursor)
             if entry is None or entry.last < cursor:
                 self.misses += 1
                 raise IotlbMiss(self.asid, cursor, remaining, perm, "no entry")
@@ -308,6 +355,12 @@ class Iotlb:
                 )
             take = min(remaining, entry.last - cursor + 1)
             pieces.append((entry.kind, entry.target + (cursor - entry.iova), take))
+            if self._cached >= CACHE_MAX_PAGES:
+                self._drop_cache()
+            last = entry.last
+            self._cache[cursor >> CACHE_PAGE_SHIFT] = (
+                entry.iova, last, entry.perm, entry.kind, entry.target - entry.iova)
+            self._cached += 1
             cursor += take
             remaining -= take
         return pieces
@@ -318,7 +371,14 @@ class IotlbSpace:
 
     def __init__(self, iotlb: Iotlb) -> None:
         self.iotlb = iotlb
+        self.memory = iotlb.memory
         self.name = f"iova(asid {iotlb.asid})"
+        # (iova, length, write) -> the views a translation gave, while neither the
+        # IOTLB nor the memory table has changed since. One space per ring, so
+        # one thread: a driver reuses its buffers' IOVAs (Linux's IOVA caches),
+        # and a repeat costs a dict look-up instead of a translation and a slice.
+        self._views: dict[tuple[int, int, bool], list[memoryview]] = {}
+        self._views_of = (-1, -1)
 
     @property
     def generation(self) -> int:
@@ -326,7 +386,21 @@ class IotlbSpace:
         return (self.iotlb.generation << 32) | self.iotlb.memory.generation
 
     def views(self, addr: int, length: int, *, write: bool) -> list[memoryview]:
-        return self.iotlb.translate(addr, length, PERM_WRITE if write else PERM_READ)
+        iotlb = self.iotlb
+        now = (iotlb.generation, self.memory.generation)
+        if now != self._views_of:
+            self._views = {}
+            self._views_of = now
+        key = (addr, length, write)
+        views = self._views.get(key)
+        if views is not None:
+            iotlb.translations += 1  # a statistic: an increment lost to a race is harmless
+            return views
+        views = iotlb.translate(addr, length, PERM_WRITE if write else PERM_READ)
+        if len(self._views) >= VIEW_CACHE_MAX:
+            self._views = {}
+        self._views[key] = views  # never mutated by callers: they extend their own lists
+        return views
 
     def view(self, addr: int, length: int, *, write: bool) -> memoryview:
         parts = self.views(addr, length, write=write)

@@ -126,6 +126,7 @@ class QueueWorker:
     def start(self) -> None:
         self._started_at = time.monotonic()
         self._thread.start()
+        self.device.queue_ready(self.queue.index, self._enabled.is_set())
 
     def set_enabled(self, enabled: bool) -> None:
         if enabled:
@@ -134,9 +135,11 @@ class QueueWorker:
             os.eventfd_write(self._stop_fd, 1)
         else:
             self._enabled.clear()
+        self.device.queue_ready(self.queue.index, enabled)
 
     def stop(self) -> int:
         """Stop after the request in progress; return the base to resume from (GET_VRING_BASE)."""
+        self.device.queue_ready(self.queue.index, False)
         self._stop_flag[0] = 1
         os.eventfd_write(self._stop_fd, 1)
         waiting_on = self._waiting_on
@@ -169,6 +172,10 @@ class QueueWorker:
         if kick_fd is not None:
             poller.register(kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
+        # A queue the device fills (net RX) also wakes when the device has work.
+        work_fd = self.device.work_fd(self.queue.index)
+        if work_fd is not None:
+            poller.register(work_fd, select.POLLIN)
         # Anything made available before we started (a reconnect, a kick we
         # missed) is served without waiting for a new kick.
         try:
@@ -180,9 +187,9 @@ class QueueWorker:
                             os.eventfd_read(self._stop_fd)
                         except BlockingIOError:
                             pass
-                    elif fd == kick_fd:
+                    elif fd == kick_fd or fd == work_fd:
                         try:
-                            os.eventfd_read(kick_fd)
+                            os.eventfd_read(fd)
                         except (BlockingIOError, OSError):
                             pass
                 if self._stopping:
@@ -208,15 +215,17 @@ class QueueWorker:
             queue.enable_notifications()
             # Re-check after publishing avail_event: a chain made available
             # between the last pop and that write would otherwise wait for a
-            # kick the driver was told it need not send.
-            if not queue.pending():
+            # kick the driver was told it need not send. Buffers with no work
+            # for them (RX, nothing arrived) wait for the device's work fd.
+            if not queue.pending() or not self.device.has_work(queue.index):
                 return
 
     def _serve_available(self) -> None:
         queue = self.queue
         process = self.device.process
+        has_work = self.device.has_work  # False: a queue the device fills has nothing for it
         offload_at = self._offload_bytes if self._io_threads else None
-        while not self._stopping:
+        while not self._stopping and has_work(queue.index):
             chain = queue.pop()
             if chain is None:
                 return

@@ -218,6 +218,12 @@ class Session:
         self.map_cost = MapCostModel(self.options.map_cost, self.options.map_cost_seconds_per_gib)
         self.reset_map_seconds = 0.0  # reset_map is never charged: it is measured
         self.memory = memory or GuestMemory(max_regions=MAX_MEM_SLOTS)
+        # (gpa, size, uaddr) -> how many ADD_MEM_REG added it: QEMU's vhost-user-net
+        # has one vhost_dev per queue pair on one connection, and each sends the
+        # whole memory table (7.2 and 10.0, traced): the same region comes N times.
+        # Only the very same memory counts: same fd offset and file (device, inode).
+        self._region_adds: dict[tuple[int, int, int], int] = {}
+        self._region_files: dict[tuple[int, int, int], tuple[int, int, int]] = {}
         # Until a front-end says otherwise, it is a stock one: with ACCESS_PLATFORM
         # its ASID 0 is a guest vIOMMU's, so no ASID starts as identity.
         self.asids = AddressSpaces(
@@ -231,7 +237,7 @@ class Session:
         self._backend_channel: socket.socket | None = None
         self._backend_channel_lock = threading.Lock()
         self.offered_features = TRANSPORT_FEATURES | device.device_features
-        self.offered_protocol_features = PROTOCOL_FEATURES
+        self.offered_protocol_features = PROTOCOL_FEATURES | _device_protocol_features(device)
         self.acked_features = 0
         self._acked_int = 0
         self.features_set = False
@@ -283,6 +289,8 @@ class Session:
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
             R.SET_DEVICE_STATE_FD: self._set_device_state_fd,
             R.CHECK_DEVICE_STATE: self._check_device_state,
+            R.SEND_RARP: self._send_rarp,
+            R.NET_SET_MTU: self._net_set_mtu,
             VR.GET_NUM_ASIDS: self._get_num_asids,
             VR.GET_VRING_GROUP: self._get_vring_group,
             VR.SET_GROUP_ASID: self._set_group_asid,
@@ -493,6 +501,8 @@ class Session:
         for region in table.regions:
             self._charge_table_region(m.request, region)
         self.memory.clear()
+        self._region_adds.clear()
+        self._region_files.clear()
         for region in table.regions:
             self.memory.add(region)
         for region in self.memory.regions:
@@ -501,6 +511,18 @@ class Session:
     def _add_mem_reg(self, m: Message) -> None:
         assert isinstance(m.payload, SingleMemRegion)
         region = m.payload.region
+        key = (region.guest_phys_addr, region.size, region.user_addr)
+        try:
+            st = os.fstat(m.fds[0])
+            backing = (region.mmap_offset, st.st_dev, st.st_ino)
+        except OSError:
+            backing = None
+        if backing is not None and self._region_files.get(key) == backing:
+            m.close_fds()  # the region we hold is the same memory
+            self._region_adds[key] = self._region_adds.get(key, 1) + 1
+            log.info("memory region at gpa %#x added again (%d times): kept as it is",
+                     region.guest_phys_addr, self._region_adds[key])
+            return
         try:
             mapped = map_region(
                 m.fds[0], region.guest_phys_addr, region.size, region.user_addr, region.mmap_offset,
@@ -516,6 +538,8 @@ class Session:
         except Refused:
             self.memory.remove(mapped.guest_phys_addr, mapped.size, mapped.user_addr)
             raise
+        if backing is not None:
+            self._region_files[key] = backing
         log.info("memory region added: %s", mapped.describe())
 
     def _charge_table_region(self, code: int, region: MappedRegion) -> None:
@@ -535,6 +559,14 @@ class Session:
         assert isinstance(m.payload, SingleMemRegion)
         m.close_fds()  # "the back-end MUST close it without using it otherwise"
         region = m.payload.region
+        key = (region.guest_phys_addr, region.size, region.user_addr)
+        if self._region_adds.get(key, 1) > 1:
+            self._region_adds[key] -= 1
+            log.info("memory region at gpa %#x removed by one of its %d adders: kept",
+                     region.guest_phys_addr, self._region_adds[key] + 1)
+            return
+        self._region_adds.pop(key, None)
+        self._region_files.pop(key, None)
         try:
             removed = self.memory.remove(region.guest_phys_addr, region.size, region.user_addr)
         except BadMemoryRegion as exc:
@@ -682,6 +714,7 @@ class Session:
         running ring, and a child would not see it)."""
         return (
             self.options.queue_workers is QueueWorkers.PROCESSES
+            and self.device.allows_worker_processes
             and not self.access_platform
             and not self._acked_int & _LOG_ALL
         )
@@ -904,6 +937,8 @@ class Session:
             log.info("%s: ASIDs %s it changed are back to their defaults", who, touched)
             self._emit("RESET_MAP", {"asids": touched, "cause": cause})
         self.memory.clear()
+        self._region_adds.clear()
+        self._region_files.clear()
 
     # -- dirty logging (live migration) -------------------------------------------
     def dirty_log(self) -> DirtyLog | None:
@@ -1061,6 +1096,23 @@ class Session:
         if transfer is not None:
             transfer.cancel()
             log.info("device state transfer ended unchecked: %s", why)
+
+    # -- net requests ----------------------------------------------------------------
+    def _send_rarp(self, m: Message) -> None:
+        assert isinstance(m.payload, U64)
+        # The first 6 bytes of the u64 are the guest's MAC (QEMU memcpy's it in).
+        mac = m.payload.value.to_bytes(8, "little")[:6]
+        try:
+            self.device.send_rarp(mac)
+        except (DeviceError, OSError) as exc:
+            raise Refused(m.request, f"RARP not sent: {exc}") from None
+
+    def _net_set_mtu(self, m: Message) -> None:
+        assert isinstance(m.payload, U64)
+        try:
+            self.device.set_mtu(m.payload.value)
+        except DeviceError as exc:
+            raise Refused(m.request, str(exc)) from None
 
     # -- IOTLB ---------------------------------------------------------------------
     def iotlb(self, asid: int) -> Iotlb:
@@ -1249,6 +1301,11 @@ def _require_eventfd(code: int, fd: int, what: str) -> None:
         raise Refused(code, f"{what} fd {fd} cannot be inspected: {exc.strerror}") from None
     if target != "anon_inode:[eventfd]":
         raise Refused(code, f"{what} fd is not an eventfd ({target})")
+
+
+def _device_protocol_features(device: Device) -> int:
+    """The protocol features only some devices can honour (net's RARP and MTU)."""
+    return (int(PF.RARP) if device.sends_rarp else 0) | (int(PF.NET_MTU) if device.takes_mtu else 0)
 
 
 def _name(code: int) -> str:

@@ -34,6 +34,7 @@ _BLOCKING_TYPES = frozenset({BlkRequestType.FLUSH, BlkRequestType.DISCARD, BlkRe
 
 class BlkDevice(Device):
     capability_type = "block"
+    allows_worker_processes = True
 
     def __init__(
         self,

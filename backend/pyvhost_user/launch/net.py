@@ -1,0 +1,135 @@
+"""Start the net switch and vhost-user-net back-ends as processes; QEMU's net device.
+
+Ready means: the switch's socket exists (it creates it listening); a
+back-end's vhost-user socket exists (it attaches to the switch or tap
+first, so frames can flow once the socket is there).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT = 20.0
+SOCKET_POLL_INTERVAL = 0.01
+
+
+class NetProcessError(RuntimeError):
+    pass
+
+
+@dataclass
+class NetProcess:
+    """The switch or one back-end, by pid, with its log."""
+
+    what: str
+    socket_path: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _start(what: str, command: list[str], socket_path: Path, log_path: Path,
+           timeout: float) -> NetProcess:
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    proc = NetProcess(what, socket_path, process, log_path)
+    deadline = time.monotonic() + timeout
+    # Bounded poll for the socket: the programs have no other readiness signal.
+    while not socket_path.exists():
+        if process.poll() is not None:
+            raise NetProcessError(f"{what} exited with {process.returncode}:\n{proc.log()}")
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise NetProcessError(f"{what} did not create {socket_path} in {timeout} s")
+        time.sleep(SOCKET_POLL_INTERVAL)
+    return proc
+
+
+def start_switch(socket_path: str | os.PathLike[str], *, log_path: str | os.PathLike[str] | None = None,
+                 timeout: float = START_TIMEOUT) -> NetProcess:
+    socket_path = Path(socket_path)
+    command = [sys.executable, "-m", "pyvhost_user.cli.net_switch",
+               "--socket-path", str(socket_path), "--log-level", "debug"]
+    return _start("switch", command, socket_path,
+                  Path(log_path) if log_path else socket_path.with_suffix(".log"), timeout)
+
+
+def start_net_backend(
+    socket_path: str | os.PathLike[str],
+    *,
+    switch: str | os.PathLike[str] | None = None,
+    tap: str | None = None,
+    mac: str | None = None,
+    queue_pairs: int = 1,
+    extra_args: Sequence[str] = (),
+    log_path: str | os.PathLike[str] | None = None,
+    command_prefix: Sequence[str] = (),
+    log_level: str = "debug",
+    timeout: float = START_TIMEOUT,
+) -> NetProcess:
+    """``command_prefix``: e.g. netns.netns_exec(name), which execs the back-end."""
+    socket_path = Path(socket_path)
+    command = [*command_prefix, sys.executable, "-m", "pyvhost_user.cli.net",
+               "--socket-path", str(socket_path), "--queue-pairs", str(queue_pairs),
+               "--log-level", log_level]
+    if switch is not None:
+        command += ["--switch", os.fspath(switch)]
+    if tap is not None:
+        command += ["--tap", tap]
+    if mac is not None:
+        command += ["--mac", mac]
+    command += list(extra_args)
+    return _start("vhost-user-net", command, socket_path,
+                  Path(log_path) if log_path else socket_path.with_suffix(".log"), timeout)
+
+
+@dataclass
+class VhostUserNet:
+    """A virtio-net-pci device whose vhost-user back-end listens on ``socket``
+    (for ``Machine(extra_args=...)``: ``nic.args(index)``)."""
+
+    socket: str | os.PathLike[str]
+    mac: str
+    queue_pairs: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def args(self, index: int) -> list[str]:
+        chardev, netdev = f"char-net{index}", f"net{index}"
+        device = f"virtio-net-pci,netdev={netdev},mac={self.mac}"
+        if self.queue_pairs > 1:
+            device += ",mq=on"
+            if "vectors" not in self.options:
+                device += f",vectors={2 * self.queue_pairs + 2}"
+        device += "".join(f",{k}={v}" for k, v in self.options.items())
+        return ["-chardev", f"socket,id={chardev},path={os.fspath(self.socket)}",
+                "-netdev", f"vhost-user,id={netdev},chardev={chardev},queues={self.queue_pairs}",
+                "-device", device]
