@@ -5,7 +5,11 @@
 #   1. Debian packages: QEMU 7.2 (qemu-system-x86, whose qemu-system-common has
 #      qemu-storage-daemon; qemu-utils), cpio, kmod, python3-venv, iproute2 (`ip`:
 #      the migration test's two hosts are network namespaces), libvirt 9.0
-#      (daemon, clients, QEMU driver; plus the kvm group and libvirt-qemu user).
+#      (daemon, clients, QEMU driver; plus the kvm group and libvirt-qemu user),
+#      DPDK 22.11's dpdk-testpmd (package dpdk-dev; the package dpdk has only the
+#      scripts) and its virtio PMD (librte-net-virtio23, only a Recommends): the
+#      net interop tests' vhost-user front-end. No hugepages are reserved: testpmd
+#      runs with --no-huge, where EAL's memory is a memfd that virtio_user shares.
 #   2. .venv at the repository root with `pip install -e '.[test]'`.
 #   3. QEMU 10.0 from bookworm-backports (qemu-system-x86, -common, -data and
 #      qemu-utils, which has its qemu-storage-daemon), unpacked (dpkg -x, never
@@ -22,7 +26,8 @@ CACHE=${PYVHOST_USER_CACHE:-$HOME/.cache/pyvhost-user}
 QEMU10_DIR=$CACHE/qemu-10.0
 QEMU10_VERSION_PREFIX="1:10.0."
 APT_PACKAGES=(qemu-system-x86 qemu-utils cpio kmod python3-venv python3 gzip iproute2
-              libvirt-daemon libvirt-clients libvirt-daemon-driver-qemu)
+              libvirt-daemon libvirt-clients libvirt-daemon-driver-qemu
+              dpdk-dev librte-net-virtio23)
 
 DO_VENV=1 DO_QEMU10=1 DO_GUEST=1
 for arg in "$@"; do

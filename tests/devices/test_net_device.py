@@ -202,6 +202,31 @@ def test_frames_go_only_to_pairs_the_driver_enabled(device):
     assert not device.has_work(2)
 
 
+def test_without_ctrl_vq_the_enabled_rings_say_which_pairs_are_used(port):
+    # QEMU and DPDK's virtio_user keep the control queue: CTRL_VQ is not acked to the
+    # back-end, VQ_PAIRS_SET never reaches it, SET_VRING_ENABLE does (DPDK 22.11's
+    # features with queues=2: VERSION_1, INDIRECT_DESC, CTRL_RX, CTRL_VLAN, MQ,
+    # CTRL_MAC_ADDR).
+    dev = NetDevice(port, mac=OWN, queue_pairs=2)
+    try:
+        dev.set_features(0x150CC0000)
+        dev.queue_ready(0, True)
+        queues = set()
+        for i in range(32):
+            dev.deliver(frame(OWN, bytes([0x52, 0, 0, 0, 3, i])))
+            queues |= {q for q in (0, 2) if dev.has_work(q)}
+        assert queues == {0}  # pair 1 not enabled yet
+        dev.queue_ready(2, True)
+        for q in (0, 2):
+            while dev.has_work(q):
+                dev.process(q, chain(writable=2048)[0])
+        for i in range(32):
+            dev.deliver(frame(OWN, bytes([0x52, 0, 0, 0, 3, i])))
+        assert {q for q in (0, 2) if dev.has_work(q)} == {0, 2}
+    finally:
+        dev.close()
+
+
 # -- control queue -------------------------------------------------------------------------
 
 def test_rx_filter_starts_promiscuous(device):

@@ -11,6 +11,8 @@ Used by tests and scripts; imports nothing else from pyvhost_user.
 - backends: start_backend(), kill_backend(), restart_backend(), freeze_backend(),
   thaw_backend(), frozen_busy()
 - netns: VethHosts (two network namespaces joined by a veth pair), netns_exec()
+- net: start_switch(), start_net_backend() (vhost-user-net processes)
+- dpdk: start_testpmd() (DPDK's testpmd as a net_virtio_user front-end)
 
 Machine and start_backend take ``command_prefix`` (e.g. netns_exec(name)).
 """

@@ -237,9 +237,19 @@ class NetDevice(Device):
 
     def _rx_pair_for(self, frame: bytes) -> int:
         """Spread flows over the pairs whose RX queue is ready (and the driver
-        enabled with VQ_PAIRS_SET); one flow always lands on one queue."""
+        enabled with VQ_PAIRS_SET); one flow always lands on one queue.
+
+        VQ_PAIRS_SET counts only when the front-end acked CTRL_VQ, i.e. passes
+        the control queue through to us. QEMU and DPDK's virtio_user keep the
+        control queue (CTRL_VQ is never acked to the back-end) and turn the
+        driver's VQ_PAIRS_SET into SET_VRING_ENABLE: then the enabled rings
+        alone say which pairs are in use."""
         with self._lock:
-            ready = sorted(p for p in self._ready_rx if p < self.active_pairs) or sorted(self._ready_rx)
+            if self.features & NetFeature.CTRL_VQ:
+                ready = (sorted(p for p in self._ready_rx if p < self.active_pairs)
+                         or sorted(self._ready_rx))
+            else:
+                ready = sorted(self._ready_rx)
         if len(ready) <= 1:
             return ready[0] if ready else 0
         # addresses: Ethernet source and destination, and IPv4's when there are
