@@ -17,6 +17,10 @@ Every request is checked (status, used length, and the data: each 4 KiB block
 of the image carries its number), so a fast wrong answer fails the run.
 
     .venv/bin/python scripts/bench_blk.py [--seconds 3] [--queues 4] [--json results.json]
+        [--variant 'procs=--queue-workers processes' --variant 'io2=--io-threads 2']
+
+``--variant`` adds configurations of our back-end as columns of their own, so
+that threads against processes, or I/O threads, are compared in the same run.
 
 These machines are noisy: compare the ratios, from one run, not absolute
 figures across runs. ``--repeat`` runs every cell several times and keeps the
@@ -41,9 +45,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pyvhost_user.frontend import BlkDriver
+from pyvhost_user.frontend.blk import BLK_DRIVER_FEATURES
 from pyvhost_user.frontend.blk_load import BlkLoad, Pattern, stamp_image
 from pyvhost_user.frontend.guest_ram import GuestRam
 from pyvhost_user.launch.backends import backend_command, start_backend
+from pyvhost_user.wire import VirtioFeature
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -139,13 +145,14 @@ def time_to_listening(kind: str, image: Path, sock: Path, queues: int, extra: tu
 
 
 def run_cell(kind: str, image: Path, workdir: Path, w: Workload, queues: int, seconds: float,
-             extra: tuple[str, ...]) -> dict:
+             extra: tuple[str, ...], driver_features: int = BLK_DRIVER_FEATURES) -> dict:
     nqueues = w.queues or queues
     backend = start_backend(kind, image, workdir / f"{kind}.sock", num_queues=max(queues, 1),
                             extra_args=extra)
     try:
         with GuestRam(RAM_LAYOUT) as ram, BlkDriver.connect(
-            backend.socket_path, ram=ram, num_queues=nqueues, queue_size=256
+            backend.socket_path, ram=ram, num_queues=nqueues, queue_size=256,
+            driver_features=driver_features,
         ) as driver:
             load = BlkLoad(driver, w.pattern, depth=w.depth)
             load.run(ios=w.depth * nqueues * 4)  # warm-up: page tables, page cache, threads
@@ -189,6 +196,29 @@ def describe_machine() -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Contender:
+    """One back-end configuration in the comparison."""
+
+    name: str
+    kind: str  # "pyvhost" or "qsd"
+    args: tuple[str, ...]
+
+
+def parse_variant(text: str) -> Contender:
+    name, sep, rest = text.partition("=")
+    if not sep or not name or name == "qsd":
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=ARGS (NAME not 'qsd')")
+    return Contender(name, "pyvhost", ("--log-level", "warning", *rest.split()))
+
+
+def verdict(value: float, target: float | None, *, below: bool = False) -> str:
+    if target is None:
+        return ""
+    ok = value < target if below else value >= target
+    return "meets" if ok else "MISSES"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=512, help="image size (default 512)")
@@ -199,84 +229,106 @@ def main() -> int:
                         help="run only these workloads (repeatable)")
     parser.add_argument("--pyvhost-args", default="",
                         help="extra arguments for our back-end, e.g. '--io-threads 2'")
+    parser.add_argument("--variant", action="append", type=parse_variant, default=[],
+                        metavar="NAME=ARGS",
+                        help="also run our back-end with these arguments, as its own column "
+                        "(repeatable), e.g. 'procs=--queue-workers processes'")
+    parser.add_argument("--no-event-idx", action="store_true",
+                        help="the front-end does not negotiate EVENT_IDX (to measure what it saves)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
 
-    ours_extra = ("--log-level", "warning", *args.pyvhost_args.split())
-    extras = {"pyvhost": ours_extra, "qsd": ()}
+    contenders = [Contender("pyvhost", "pyvhost", ("--log-level", "warning", *args.pyvhost_args.split())),
+                  *args.variant, Contender("qsd", "qsd", ())]
+    names = [c.name for c in contenders]
+    if len(set(names)) != len(names):
+        parser.error(f"contender names must differ: {names}")
+    ours = [c for c in contenders if c.kind == "pyvhost"]
     rows = [w for w in workloads(args.queues) if not args.only or w.name in args.only]
     if not rows:
         parser.error(f"--only matched no workload (have: {', '.join(w.name for w in workloads(args.queues))})")
+    driver_features = BLK_DRIVER_FEATURES & ~(int(VirtioFeature.EVENT_IDX) if args.no_event_idx else 0)
     workdir = Path(tempfile.mkdtemp(prefix="pyvhost-bench-"))
     image = workdir / "disk.img"
-    results: dict[str, dict[str, dict]] = {"pyvhost": {}, "qsd": {}}
+    results: dict[str, dict[str, dict]] = {c.name: {} for c in contenders}
     startup: dict[str, dict[str, float]] = {}
-    total = len(rows) * 2 * args.repeat
+    total = len(rows) * len(contenders) * args.repeat
     done = 0
     began = time.monotonic()
     try:
         print(f"bench: writing a {args.size_mib} MiB stamped image", flush=True)
         stamp_image(image, args.size_mib * MiB)
-        for kind in ("pyvhost", "qsd"):
+        for c in contenders:
             times, rsses = [], []
             for _ in range(5):
-                ms, rss = time_to_listening(kind, image, workdir / f"{kind}-start.sock", args.queues,
-                                            extras[kind])
+                ms, rss = time_to_listening(c.kind, image, workdir / "start.sock", args.queues, c.args)
                 times.append(ms)
                 rsses.append(rss)
-            startup[kind] = {"start_to_listening_ms": statistics.median(times),
-                             "idle_rss_mib": statistics.median(rsses)}
-            print(f"bench: {kind:8} start to listening {startup[kind]['start_to_listening_ms']:6.1f} ms "
-                  f"(median of 5), idle RSS {startup[kind]['idle_rss_mib']:5.1f} MiB", flush=True)
+            startup[c.name] = {"start_to_listening_ms": statistics.median(times),
+                               "idle_rss_mib": statistics.median(rsses)}
+            print(f"bench: {c.name:10} start to listening {startup[c.name]['start_to_listening_ms']:6.1f} ms "
+                  f"(median of 5), idle RSS {startup[c.name]['idle_rss_mib']:5.1f} MiB", flush=True)
         for w in rows:
-            # Both back-ends back to back on each workload: drift in the machine's
-            # load hits both sides of a ratio alike.
-            for kind in ("pyvhost", "qsd"):
+            # Every contender back to back on each workload: drift in the machine's
+            # load hits all sides of a ratio alike.
+            for c in contenders:
                 samples = []
                 for _ in range(args.repeat):
-                    samples.append(run_cell(kind, image, workdir, w, args.queues, args.seconds, extras[kind]))
+                    samples.append(run_cell(c.kind, image, workdir, w, args.queues, args.seconds,
+                                            c.args, driver_features))
                     done += 1
-                r = results[kind][w.name] = median_cell(samples)
+                r = results[c.name][w.name] = median_cell(samples)
                 elapsed = time.monotonic() - began
-                print(f"bench: [{done:2}/{total}] {kind:8} {w.name:26} {r['MiB/s']:9.1f} MiB/s "
+                print(f"bench: [{done:2}/{total}] {c.name:10} {w.name:26} {r['MiB/s']:9.1f} MiB/s "
                       f"{r['IOPS']:9.0f} IOPS {r['backend_cpu_us_per_io']:7.1f} us CPU/IO "
                       f"(back-end {r['backend_cpu_share']:4.0%}, front-end {r['frontend_cpu_share']:4.0%} "
-                      f"of a CPU)  {elapsed:5.0f} s", flush=True)
+                      f"of a CPU, {r['kicks_per_io']:.2f} kicks and {r['wakeups_per_io']:.2f} "
+                      f"interrupts per I/O)  {elapsed:5.0f} s", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    ratios: dict[str, float] = {}
+    ratios: dict[str, dict[str, float]] = {c.name: {} for c in ours}
     print()
-    print(f"{'workload':28}{'pyvhost':>16}{'qsd':>16}{'ratio':>8}{'target':>8}  "
-          f"{'CPU us/IO ours':>14}{'qsd':>7}  note")
+    header = f"{'workload':28}" + "".join(f"{c.name:>17}" for c in contenders)
+    header += "".join(f"{c.name + '/qsd':>14}" for c in ours) + f"{'target':>8}  CPU us/IO " + \
+        " ".join(c.name for c in contenders)
+    print(header)
     for w in rows:
-        ours, theirs = results["pyvhost"][w.name], results["qsd"][w.name]
-        ratio = ratios[w.name] = ours[w.unit] / theirs[w.unit]
-        target = f"{w.target:.1f}x" if w.target else ""
-        verdict = "" if w.target is None else ("meets" if ratio >= w.target else "MISSES")
-        bound = "front-end bound" if max(ours["frontend_cpu_share"], theirs["frontend_cpu_share"]) > 0.9 else ""
-        print(f"{w.name:28}{ours[w.unit]:>10.0f} {w.unit:5}{theirs[w.unit]:>10.0f} {w.unit:5}"
-              f"{ratio:>7.2f}x{target:>8}  {ours['backend_cpu_us_per_io']:>14.1f}"
-              f"{theirs['backend_cpu_us_per_io']:>7.1f}  {' '.join(x for x in (verdict, bound) if x)}")
+        theirs = results["qsd"][w.name]
+        line = f"{w.name:28}" + "".join(f"{results[c.name][w.name][w.unit]:>11.0f} {w.unit:5}"
+                                        for c in contenders)
+        best = 0.0
+        for c in ours:
+            ratio = ratios[c.name][w.name] = results[c.name][w.name][w.unit] / theirs[w.unit]
+            best = max(best, ratio)
+            line += f"{ratio:>13.2f}x"
+        line += f"{(f'{w.target:.1f}x' if w.target else ''):>8}  "
+        line += " / ".join(f"{results[c.name][w.name]['backend_cpu_us_per_io']:.1f}" for c in contenders)
+        notes = [verdict(best, w.target)]
+        if any(results[c.name][w.name]["frontend_cpu_share"] > 0.9 for c in contenders):
+            notes.append("front-end bound")
+        print(line + "  " + " ".join(n for n in notes if n))
     print()
-    for kind in ("pyvhost", "qsd"):
-        s = startup[kind]
-        print(f"{kind:8} start to listening {s['start_to_listening_ms']:6.1f} ms"
-              f"{' (target < 200 ms: ' + ('meets' if s['start_to_listening_ms'] < 200 else 'MISSES') + ')' if kind == 'pyvhost' else ''}"
-              f"   idle RSS {s['idle_rss_mib']:5.1f} MiB"
-              f"{' (target < 40 MiB: ' + ('meets' if s['idle_rss_mib'] < 40 else 'MISSES') + ')' if kind == 'pyvhost' else ''}")
+    for c in contenders:
+        s = startup[c.name]
+        mine = c.kind == "pyvhost"
+        print(f"{c.name:10} start to listening {s['start_to_listening_ms']:6.1f} ms"
+              + (f" (target < 200 ms: {verdict(s['start_to_listening_ms'], 200, below=True)})" if mine else "")
+              + f"   idle RSS {s['idle_rss_mib']:5.1f} MiB"
+              + (f" (target < 40 MiB: {verdict(s['idle_rss_mib'], 40, below=True)})" if mine else ""))
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "bench_blk",
-            "version": 2,
+            "version": 3,
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": describe_machine(),
             "config": {"size_mib": args.size_mib, "seconds": args.seconds, "queues": args.queues,
-                       "repeat": args.repeat, "pyvhost_args": args.pyvhost_args,
+                       "repeat": args.repeat, "event_idx": not args.no_event_idx,
+                       "contenders": [asdict(c) for c in contenders],
                        "workloads": [asdict(w) for w in rows]},
             "startup": startup,
             "results": results,
-            "ratios": ratios,
+            "ratios_to_qsd": ratios,
         }, indent=2, default=str))
         print(f"\nbench: results written to {args.json}")
     return 0

@@ -49,15 +49,15 @@ KILLED_FRONTEND = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def live(tmp_path):
+@pytest.fixture(params=["threads", "processes"])
+def live(tmp_path, request):
     short = Path(tempfile.mkdtemp(prefix="pyvu-leak-"))
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(IMAGE_BYTES))
     # The flight recorder is a ring buffer: it grows until full, by design. Small
     # enough to be full after the warm-up, it holds still and anything else shows.
     backend = LiveBackend(image, short / "leak.sock", tmp_path / "backend.log",
-                          extra_args=("--flight-recorder", "64"))
+                          extra_args=("--flight-recorder", "64", "--queue-workers", request.param))
     try:
         yield backend
     finally:

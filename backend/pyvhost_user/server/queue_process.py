@@ -34,6 +34,7 @@ import json
 import logging
 import mmap
 import os
+import select
 import signal
 import threading
 import time
@@ -84,7 +85,8 @@ class ProcessQueueWorker:
         self.pid: int | None = None
         self._report_fd: int | None = None
         self._final: dict[str, Any] | None = None
-        self._reader: threading.Thread | None = None
+        self._reports = b""  # what came from the child and is not a whole line yet
+        self._reports_ended = threading.Event()  # the child's end of the pipe is closed
 
     # -- parent ------------------------------------------------------------
     def start(self) -> None:
@@ -107,9 +109,7 @@ class ProcessQueueWorker:
                 os._exit(code)
         os.close(write_fd)
         self.pid = pid
-        self._reader = threading.Thread(target=self._read_reports, args=(read_fd,), daemon=True,
-                                        name=f"vq{self.queue.index}-reports")
-        self._reader.start()
+        _report_reader().add(read_fd, self)
         log.debug("queue %d: worker process %d started", self.queue.index, pid)
 
     def set_enabled(self, enabled: bool) -> None:
@@ -118,17 +118,24 @@ class ProcessQueueWorker:
 
     def stop(self) -> int:
         """Stop after the request in progress; return the base to resume from (GET_VRING_BASE)."""
-        assert self.pid is not None and self._reader is not None
+        assert self.pid is not None
         self._stop_view[0] = 1
         os.eventfd_write(self._loop._stop_fd, 1)
-        self._reader.join(STOP_TIMEOUT_SECONDS)  # ends at the child's exit (EOF)
-        if self._reader.is_alive():
+        if not self._reports_ended.wait(STOP_TIMEOUT_SECONDS):  # set at the child's exit (EOF)
             log.error("queue %d: worker process %d did not stop in %.0f s: killing it",
                       self.queue.index, self.pid, STOP_TIMEOUT_SECONDS)
             os.kill(self.pid, signal.SIGKILL)
-            self._reader.join()
+            self._reports_ended.wait()
         _pid, status = os.waitpid(self.pid, 0)
         os.close(self._loop._stop_fd)
+        # The shared page goes now, not at some later garbage collection (the
+        # loop and this object refer to each other): leak checks count mappings.
+        self._loop._stop_flag.release()
+        self._stop_view.release()
+        self._stop_page.close()
+        # Likewise the loop (its callbacks are this object's methods): it holds
+        # views of guest memory, which keep the regions mapped until it goes.
+        self._loop = None  # type: ignore[assignment]
         final = self._final
         if final is None:
             how = _describe_status(status)
@@ -149,28 +156,23 @@ class ProcessQueueWorker:
         self.device.add_counters(final["counters"])
         return int(final["vring_base"])
 
-    def _read_reports(self, fd: int) -> None:
+    def _take_reports(self, chunk: bytes) -> None:
+        """Called by the report reader with what the child wrote."""
         index = self.queue.index
-        buffered = b""
-        try:
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    return
-                buffered += chunk
-                *lines, buffered = buffered.split(b"\n")
-                for line in lines:
-                    report = json.loads(line)
-                    if "first_completion" in report and self._on_first_completion is not None:
-                        self._on_first_completion(index, report["first_completion"])
-                    elif "broken" in report:
-                        self._on_broken(index, report["broken"])
-                    elif "final" in report:
-                        self._final = report["final"]
-        except (OSError, ValueError) as exc:
-            log.error("queue %d: reading the worker process's reports failed: %s", index, exc)
-        finally:
-            os.close(fd)
+        *lines, self._reports = (self._reports + chunk).split(b"\n")
+        for line in lines:
+            try:
+                report = json.loads(line)
+            except ValueError as exc:
+                log.error("queue %d: unreadable report from worker process %s: %s", index,
+                          self.pid, exc)
+                continue
+            if "first_completion" in report and self._on_first_completion is not None:
+                self._on_first_completion(index, report["first_completion"])
+            elif "broken" in report:
+                self._on_broken(index, report["broken"])
+            elif "final" in report:
+                self._final = report["final"]
 
     # -- child -------------------------------------------------------------
     def _child_main(self, parent: int) -> None:
@@ -210,6 +212,72 @@ class ProcessQueueWorker:
 
     def _child_first_completion(self, index: int, after_start: float) -> None:
         self._report({"first_completion": after_start})
+
+
+class _ReportReader:
+    """One thread reads the reports of every worker process.
+
+    A thread per child would come and go with every ring restart, and each
+    thread's stack is a mapping of its own (the leak checks count mappings).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._workers: dict[int, ProcessQueueWorker] = {}
+        threading.Thread(target=self._run, name="worker-reports", daemon=True).start()
+
+    def add(self, fd: int, worker: ProcessQueueWorker) -> None:
+        with self._lock:
+            self._workers[fd] = worker
+        os.eventfd_write(self._wake, 1)
+
+    def _run(self) -> None:
+        while True:
+            poller = select.poll()
+            poller.register(self._wake, select.POLLIN)
+            with self._lock:
+                for fd in self._workers:
+                    poller.register(fd, select.POLLIN)
+            # No reference to a worker is held while waiting: a stopped one must
+            # go (with its views of guest memory) as soon as its ring drops it.
+            for fd, _events in poller.poll():
+                if fd == self._wake:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._read(fd)
+
+    def _read(self, fd: int) -> None:
+        with self._lock:
+            worker = self._workers[fd]
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError as exc:
+            log.error("queue %d: reading the worker process's reports failed: %s",
+                      worker.queue.index, exc)
+            chunk = b""
+        if chunk:
+            worker._take_reports(chunk)
+            return
+        with self._lock:  # end of file: the child has exited
+            del self._workers[fd]
+        os.close(fd)
+        worker._reports_ended.set()
+
+
+_reader: _ReportReader | None = None
+_reader_lock = threading.Lock()
+
+
+def _report_reader() -> _ReportReader:
+    global _reader
+    with _reader_lock:
+        if _reader is None:
+            _reader = _ReportReader()
+        return _reader
 
 
 def _fresh_log_handlers() -> None:

@@ -109,9 +109,10 @@ class QueueWorker:
         # "first I/O" step of a restart, which the flight recorder times.
         self._on_first_completion = on_first_completion
         self._started_at = 0.0
-        self._thread = threading.Thread(
-            target=self._run, name=f"vq{queue.index}", daemon=True
-        )
+        # Made at start: a loop run in a worker process never starts it, and an
+        # unstarted thread would keep this object (and its views of guest
+        # memory, so the mappings) alive until a garbage collection.
+        self._thread: threading.Thread | None = None
         # Byte 0 set: stop after the request in progress. A shared page when the
         # loop runs in another process, checked once per request either way.
         self._stop_flag = stop_flag if stop_flag is not None else bytearray(1)
@@ -125,6 +126,7 @@ class QueueWorker:
 
     def start(self) -> None:
         self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"vq{self.queue.index}", daemon=True)
         self._thread.start()
         self.device.queue_ready(self.queue.index, self._enabled.is_set())
 
@@ -146,7 +148,8 @@ class QueueWorker:
         if waiting_on is not None:  # blocked on a miss: the chain stays unconsumed
             with waiting_on.changed:
                 waiting_on.changed.notify_all()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.finish_offloaded()
         os.close(self._stop_fd)
         return self.queue.vring_base
