@@ -128,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the ring (default 0: the ring's worker serves everything)",
     )
     p.add_argument(
-        "--queue-workers", choices=[w.value for w in QueueWorkers], default=QueueWorkers.THREADS.value,
-        help="where each ring is served: a thread of this process (default), or a process of "
-        "its own forked when the ring starts, so that rings use several CPUs (only without an "
-        "IOTLB and outside migration; a ring falls back to a thread otherwise)",
+        "--queue-workers", choices=[w.value for w in QueueWorkers], default=QueueWorkers.AUTO.value,
+        help="where each ring is served: a thread of this process, or a process of its own "
+        "forked when the ring starts, so that rings use several CPUs (only without an IOTLB and "
+        "outside migration: a ring falls back to a thread then); auto (default): processes "
+        "with more than one queue, threads with one",
     )
     p.add_argument(
         "--map-cost-rate", type=float, default=PUBLISHED_SECONDS_PER_GIB, metavar="S_PER_GIB",

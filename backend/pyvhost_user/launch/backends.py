@@ -149,16 +149,38 @@ def start_backend(
     return backend
 
 
+def worker_pids(backend: BackendProcess) -> list[int]:
+    """The back-end's children: its rings' worker processes (--queue-workers)."""
+    pids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{backend.pid}/task"):
+            with open(f"/proc/{backend.pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
 def freeze_backend(backend: BackendProcess) -> None:
-    """SIGSTOP a back-end (by its pid): it holds whatever it was doing, its
-    socket stays open, and the guest's requests pile up in the rings."""
+    """SIGSTOP a back-end and its worker processes (by pid): it holds whatever it
+    was doing, its socket stays open, and the guest's requests pile up in the rings."""
     if backend.process.poll() is None:
         backend.process.send_signal(signal.SIGSTOP)
+        for pid in worker_pids(backend):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
 
 
 def thaw_backend(backend: BackendProcess) -> None:
-    """SIGCONT: a frozen back-end goes on."""
+    """SIGCONT: a frozen back-end (and its worker processes) goes on."""
     if backend.process.poll() is None:
+        for pid in worker_pids(backend):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         backend.process.send_signal(signal.SIGCONT)
 
 

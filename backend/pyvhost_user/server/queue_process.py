@@ -18,7 +18,8 @@ The stop request is a byte of a shared anonymous page, checked between
 requests, plus a write to the loop's stop eventfd to wake it. The child
 reports over a pipe, one JSON line each: its first completion (the flight
 recorder's FIRST_IO), a ring it found broken (the session marks it and
-signals the error eventfd), and last its final state (the base to resume
+signals the error eventfd), its counters every second (so the control
+socket's statistics stay live), and last its final state (the base to resume
 from, the requests served, the device's counters). A child that dies without that
 report leaves a split ring to be served again from the used index (what it had
 taken and not completed is made available again, and the inflight buffer, when
@@ -51,6 +52,7 @@ PR_SET_PDEATHSIG = 1
 # A child still busy this long after being asked to stop is killed (a flush on
 # a dying disk can take long; a child that never answers must not hang the session).
 STOP_TIMEOUT_SECONDS = 60.0
+PROGRESS_SECONDS = 1.0  # how often a child sends its counters
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -171,6 +173,8 @@ class ProcessQueueWorker:
                 self._on_first_completion(index, report["first_completion"])
             elif "broken" in report:
                 self._on_broken(index, report["broken"])
+            elif "counters" in report:
+                self.device.add_counters(report["counters"])
             elif "final" in report:
                 self._final = report["final"]
 
@@ -192,14 +196,35 @@ class ProcessQueueWorker:
         self.device.start_private_counters()
         loop = self._loop
         loop._started_at = time.monotonic()
+        done = threading.Event()
+        progress = threading.Thread(target=self._report_progress, args=(done,), daemon=True)
+        progress.start()
         loop._run()
         loop.finish_offloaded()
+        done.set()
+        progress.join()
         self._report({"final": {
             "vring_base": loop.queue.vring_base,
             "completed": loop.completed,
             "misses": loop.misses,
-            "counters": self.device.private_counters(),
+            "counters": self._counters_since_last_report(),
         }})
+
+    _reported: dict[str, int] = {}
+
+    def _counters_since_last_report(self) -> dict[str, int]:
+        now = self.device.private_counters()
+        delta = {k: v - self._reported.get(k, 0) for k, v in now.items() if v != self._reported.get(k, 0)}
+        self._reported = now
+        return delta
+
+    def _report_progress(self, done: threading.Event) -> None:
+        """Every second, what was counted since the last report: the back-end's
+        statistics (control socket) stay live while the ring runs here."""
+        while not done.wait(PROGRESS_SECONDS):
+            delta = self._counters_since_last_report()
+            if delta:
+                self._report({"counters": delta})
 
     def _report(self, message: dict[str, Any]) -> None:
         assert self._report_fd is not None

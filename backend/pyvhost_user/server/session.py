@@ -314,7 +314,7 @@ class Session:
             inherited = code in CHANGES_WHAT_WORKER_PROCESSES_INHERIT
             if inherited:
                 allowed_before = self._worker_process_allowed()
-                paused = self._pause_worker_processes()
+                paused = self._pause_worker_processes(_ring_of(message))
             try:
                 answer = handler(message)
             finally:
@@ -681,12 +681,14 @@ class Session:
         if ring.worker is not None:
             ring.worker.set_enabled(ring.config.enabled)
 
-    def _pause_worker_processes(self) -> list[Ring]:
+    def _pause_worker_processes(self, only: int | None = None) -> list[Ring]:
         """Stop the rings served by worker processes (they would go on with what
-        they inherited); ``_resume_rings`` starts them again, from where they were."""
+        they inherited), or only ring ``only`` for a request about one ring;
+        ``_resume_rings`` starts them again, from where they were."""
         # A broken ring stays as it is: its child has ended, and it waits for a reset.
         paused = [r for r in self.rings
-                  if isinstance(r.worker, ProcessQueueWorker) and not r.config.broken]
+                  if isinstance(r.worker, ProcessQueueWorker) and not r.config.broken
+                  and (only is None or r.config.index == only)]
         for ring in paused:
             self._stop_ring(ring)
         return paused
@@ -712,8 +714,10 @@ class Session:
         """Whether a ring may run in a worker process now (queue_process.py):
         not behind an IOTLB, not while writes are logged (both change under a
         running ring, and a child would not see it)."""
+        mode = self.options.queue_workers
         return (
-            self.options.queue_workers is QueueWorkers.PROCESSES
+            (mode is QueueWorkers.PROCESSES
+             or (mode is QueueWorkers.AUTO and self.device.num_queues > 1))
             and self.device.allows_worker_processes
             and not self.access_platform
             and not self._acked_int & _LOG_ALL
@@ -1301,6 +1305,14 @@ def _require_eventfd(code: int, fd: int, what: str) -> None:
         raise Refused(code, f"{what} fd {fd} cannot be inspected: {exc.strerror}") from None
     if target != "anon_inode:[eventfd]":
         raise Refused(code, f"{what} fd is not an eventfd ({target})")
+
+
+def _ring_of(message: Message) -> int | None:
+    """The ring a per-ring request is about (SET_VRING_CALL ...), None for the others."""
+    if message.request in (R.SET_VRING_CALL, R.SET_VRING_ERR, R.SET_VRING_ENABLE,
+                           R.SET_VRING_ADDR):
+        return getattr(message.payload, "index", None)
+    return None
 
 
 def _device_protocol_features(device: Device) -> int:
