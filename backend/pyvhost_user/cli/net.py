@@ -17,6 +17,8 @@ import sys
 from ..control.server import ControlServer
 from ..devices.base import DeviceError
 from ..devices.net import NetDevice
+from ..devices.net.constants import MAX_QUEUE_PAIRS
+from ..devices.net.device import MAX_MTU, MIN_MTU
 from ..devices.net.config import parse_mac
 from ..devices.net.port import PacketPort
 from ..memory.iotlb import DefaultMapping
@@ -106,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         mac = parse_mac(args.mac)
     except ValueError as exc:
         print(f"vhost-user-net: --mac: {exc}", file=sys.stderr)
+        return 2
+    # The device's own limits before touching the network: a wrong number is
+    # told as such, not as whatever attaching to a switch or a tap says.
+    if not 1 <= args.queue_pairs <= MAX_QUEUE_PAIRS:
+        print(f"vhost-user-net: --queue-pairs {args.queue_pairs} is not in 1..{MAX_QUEUE_PAIRS}",
+              file=sys.stderr)
+        return 2
+    if not MIN_MTU <= args.mtu <= MAX_MTU:
+        print(f"vhost-user-net: --mtu {args.mtu} is not in {MIN_MTU}..{MAX_MTU}", file=sys.stderr)
         return 2
     stop = StopOnSignal()
     try:
