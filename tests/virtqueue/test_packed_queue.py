@@ -78,6 +78,25 @@ def test_chain_buffers_come_back_as_views_and_the_used_descriptor_is_written(ram
     assert queue.vring_base == encode_base(2, True, 2, True) == ring.start_base
 
 
+def test_a_base_with_only_the_avail_half_starts_used_at_avail(ram, memory):
+    """DPDK's virtio_user sends 0x8000 for a fresh packed ring (avail half only).
+    Read literally, used would be a lap behind (wrap 0) and every used
+    descriptor would carry flags the driver never takes as used."""
+    ring, queue = make_queue(ram, memory, base=0x8000)
+    assert (queue.avail_pos, queue.avail_wrap, queue.used_pos, queue.used_wrap) == (0, True, 0, True)
+    bufs = [ram.alloc(16) for _ in range(20)]
+    for round_ in range(20):  # two laps and a half: the used side wraps too
+        buffer_id = ring.add_chain([(bufs[round_], 16, True)])
+        ring.publish()
+        assert serve(queue, b"x") == [buffer_id]
+        assert ring.pop_used() == [(buffer_id, 1)]
+    _, queue = make_queue(ram, memory, base=5)  # avail 5, lap 2, nothing else said
+    assert (queue.avail_pos, queue.avail_wrap, queue.used_pos, queue.used_wrap) == (5, False, 5, False)
+    # Both halves given: taken as they are, even where they differ.
+    _, queue = make_queue(ram, memory, base=encode_base(3, True, 1, False))
+    assert (queue.avail_pos, queue.avail_wrap, queue.used_pos, queue.used_wrap) == (3, True, 1, False)
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 13, 100, 257])
 def test_any_size_wraps_many_times_with_chains_across_the_end(ram, memory, size):
     """Sizes need not be powers of 2; chains of 1..3 descriptors run over the end
