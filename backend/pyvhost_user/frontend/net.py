@@ -160,6 +160,17 @@ class NetDriver:
         for pair in range(self.queue_pairs):
             self._fill_rx(pair)
 
+    def reboot(self) -> None:
+        """A guest reboot (``Frontend.reboot``: rings stopped, [RESET_DEVICE],
+        started again fresh): buffers in the old rings are forgotten, RX refilled."""
+        for buffers in (*self._rx_buffers, *self._tx_buffers):
+            for gpa in buffers.values():
+                self.ram.free(gpa)
+            buffers.clear()
+        self.frontend.reboot()
+        for pair in range(self.queue_pairs):
+            self._fill_rx(pair)
+
     def close(self) -> None:
         self.frontend.close()
 
@@ -244,11 +255,15 @@ class NetDriver:
             self.ram.write(gpa, packet)
             segments = [(gpa, len(packet), False)]
             needed = _descriptors(ring, segments)
-            while ring.free_descriptors < needed:
-                self._publish(queue)
-                self._reap_tx(pair)
-                if ring.free_descriptors < needed:
-                    self._wait([queue], deadline, "room on the TX ring")
+            try:
+                while ring.free_descriptors < needed:
+                    self._publish(queue)
+                    self._reap_tx(pair)
+                    if ring.free_descriptors < needed:
+                        self._wait([queue], deadline, "room on the TX ring")
+            except BaseException:
+                self.ram.free(gpa)
+                raise
             head = ring.add_chain(segments)
             buffers[head] = gpa
             sent += 1
