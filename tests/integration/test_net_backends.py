@@ -264,6 +264,7 @@ def test_frames_both_ways_packed_and_iommu(sock_dir, a_options, b_options):
             assert all(isinstance(driver.ring(q), layout) for q in range(3))
         exchange_both_ways(*drivers)
         for driver, options in zip(drivers, (a_options, b_options)):
+            driver.set_rx_mode(CtrlRx.PROMISC, True)  # the control queue, same layout
             if "iommu" in options:
                 fe = driver.frontend
                 assert fe.iotlb_counters["miss_received"] > 0
@@ -283,7 +284,8 @@ def test_frames_both_ways_packed_and_iommu(sock_dir, a_options, b_options):
         assert ring_starts(log) == {q: "packed" if packed else "split" for q in range(3)}, log
         counters = _counters(log)
         assert counters["tx_frames"] == counters["rx_frames"] == 1500, counters
-        assert counters["chains_access_denied"] == 0, counters
+        assert counters["chains_access_denied"] == counters["ctrl_refused"] == 0, counters
+        assert counters["ctrl_commands"] == 1, counters
 
 
 def _counters(log: str) -> dict[str, int]:

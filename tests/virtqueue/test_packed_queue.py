@@ -425,3 +425,31 @@ def test_record_for_another_queue_size_is_refused(ram, memory):
 
 def test_start_base_helper_matches_the_backend_encoding():
     assert packed_base(3, False, 9, True) == encode_base(3, False, 9, True)
+
+
+def test_more_than_a_lap_used_between_checks_always_signals(ram, memory):
+    """Used positions are modulo the ring size: after a lap or more of used
+    descriptors since the last check, [old, new) cannot show whether the
+    driver's event was passed (here it was, in the lap that is hidden)."""
+    # The driver's event is written by hand (a ring without event_idx leaves it alone).
+    ring, queue = make_queue(ram, memory, event_idx=True, ring=PackedRing(ram, 8))
+    buf = ram.alloc(16)
+
+    def one_more():
+        ring.add_chain([(buf, 16, True)])
+        ring.publish()
+        serve(queue)
+        ring.pop_used()
+
+    one_more()
+    assert queue.needs_notification()          # the first check: always (used at 1)
+    ring.set_driver_event(2, 5 | 1 << 15)       # interrupt when position 5 of lap 1 is used
+    for _ in range(9):                          # 1..7 of lap 1 (past 5), then 0..1 of lap 2
+        one_more()
+    assert queue.used_pos == 2 and not queue.used_wrap
+    assert queue.needs_notification()
+    # Within a lap the event still decides: 7 of this lap is not reached at 4.
+    ring.set_driver_event(2, 7)
+    one_more()
+    one_more()
+    assert queue.used_pos == 4 and not queue.needs_notification()

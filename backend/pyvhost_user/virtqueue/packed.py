@@ -161,6 +161,7 @@ class PackedQueue:
         self._ring_generation: int | None = None
         self._signalled_used = 0
         self._signalled_valid = False
+        self._pushed_since_signal = 0  # descriptors made used since needs_notification
         if eager:
             self.ensure_rings()
 
@@ -324,6 +325,7 @@ class PackedQueue:
         if length:
             flags |= VIRTQ_DESC_F_WRITE  # "data has been written": len is valid
         self.desc16[8 * position + 7] = flags  # publishes the descriptor: last
+        self._pushed_since_signal += count
         if self.inflight is not None:
             self.inflight.release_after_publish(entry)
 
@@ -332,8 +334,13 @@ class PackedQueue:
         new = self.used_pos
         old = self._signalled_used
         self._signalled_used = new
-        valid = self._signalled_valid
+        # Positions are taken modulo the ring size: a lap or more of used
+        # descriptors since the last check (a driver that reaps while the device
+        # serves can get there) leaves [old, new) ambiguous, and the driver's
+        # event may lie in the lap it hides. Then signal.
+        valid = self._signalled_valid and self._pushed_since_signal < self.size
         self._signalled_valid = True
+        self._pushed_since_signal = 0
         flags = self.driver16[1] & 0x3
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
