@@ -19,6 +19,7 @@ reference front-end's call eventfds, testpmd's counters asked again.
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -26,6 +27,7 @@ from pyvhost_user.devices.net.config import parse_mac
 from pyvhost_user.frontend.net import NetDriver
 from pyvhost_user.launch import dpdk
 from pyvhost_user.launch.net import start_net_backend, start_switch
+from pyvhost_user.wire import VirtioFeature as VF
 
 TESTPMD_MAC = "52:54:00:00:30:01"
 BACKEND_A_MAC = "52:54:00:00:30:0a"   # config space of testpmd's back-end; virtio_user uses mac=
@@ -43,11 +45,21 @@ def require_testpmd() -> None:
         pytest.fail(str(exc), pytrace=False)
 
 
-@pytest.fixture(params=[1, 2], ids=["1pair", "2pairs"])
+def acked_features(log: str) -> int:
+    """The last ``features acked`` the back-end logged (its SET_FEATURES)."""
+    found = re.findall(r"features acked: (0x[0-9a-f]+)", log)
+    assert found, "the back-end logged no SET_FEATURES:\n" + log[-2000:]
+    return int(found[-1], 16)
+
+
+@pytest.fixture(params=[(1, False), (2, False), (1, True), (2, True)],
+                ids=["1pair", "2pairs", "1pair-packed", "2pairs-packed"])
 def dpdk_net(request, sock_dir):
-    """(testpmd, our driver, queue pairs): testpmd on back-end A, our front-end on B."""
+    """(testpmd, our driver, queue pairs): testpmd on back-end A, our front-end on B.
+    The packed cases give testpmd ``packed_vq=1`` and our front-end split rings:
+    the switch joins a packed device and a split one."""
     require_testpmd()
-    pairs = request.param
+    pairs, packed = request.param
     procs = [start_switch(sock_dir / "sw.sock")]
     driver = testpmd = None
     try:
@@ -57,7 +69,14 @@ def dpdk_net(request, sock_dir):
                                        mac=OUR_MAC, log_level="info"))
         driver = NetDriver.connect(procs[2].socket_path)
         testpmd = dpdk.start_testpmd(procs[1].socket_path, mac=TESTPMD_MAC, peer_mac=OUR_MAC,
-                                     queue_pairs=pairs, log_path=sock_dir / "testpmd.log")
+                                     queue_pairs=pairs, packed_vq=packed,
+                                     log_path=sock_dir / "testpmd.log")
+        # What ran: RING_PACKED acked as asked, and every data ring in that layout.
+        log = procs[1].log()
+        assert bool(acked_features(log) & VF.RING_PACKED) == packed
+        started = dict(re.findall(r"ring (\d+) started: (packed|size)", log))
+        assert started == {str(q): "packed" if packed else "size" for q in range(2 * pairs)}, log
+        assert not driver.packed
         yield testpmd, driver, pairs
     finally:
         if testpmd is not None:

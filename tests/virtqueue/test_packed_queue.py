@@ -78,6 +78,25 @@ def test_chain_buffers_come_back_as_views_and_the_used_descriptor_is_written(ram
     assert queue.vring_base == encode_base(2, True, 2, True) == ring.start_base
 
 
+def test_a_base_with_only_the_avail_half_starts_used_at_avail(ram, memory):
+    """DPDK's virtio_user sends 0x8000 for a fresh packed ring (avail half only).
+    Read literally, used would be a lap behind (wrap 0) and every used
+    descriptor would carry flags the driver never takes as used."""
+    ring, queue = make_queue(ram, memory, base=0x8000)
+    assert (queue.avail_pos, queue.avail_wrap, queue.used_pos, queue.used_wrap) == (0, True, 0, True)
+    bufs = [ram.alloc(16) for _ in range(20)]
+    for round_ in range(20):  # two laps and a half: the used side wraps too
+        buffer_id = ring.add_chain([(bufs[round_], 16, True)])
+        ring.publish()
+        assert serve(queue, b"x") == [buffer_id]
+        assert ring.pop_used() == [(buffer_id, 1)]
+    _, queue = make_queue(ram, memory, base=5)  # avail 5, lap 2, nothing else said
+    assert (queue.avail_pos, queue.avail_wrap, queue.used_pos, queue.used_wrap) == (5, False, 5, False)
+    # Both halves given: taken as they are, even where they differ.
+    _, queue = make_queue(ram, memory, base=encode_base(3, True, 1, False))
+    assert (queue.avail_pos, queue.avail_wrap, queue.used_pos, queue.used_wrap) == (3, True, 1, False)
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 13, 100, 257])
 def test_any_size_wraps_many_times_with_chains_across_the_end(ram, memory, size):
     """Sizes need not be powers of 2; chains of 1..3 descriptors run over the end
@@ -406,3 +425,31 @@ def test_record_for_another_queue_size_is_refused(ram, memory):
 
 def test_start_base_helper_matches_the_backend_encoding():
     assert packed_base(3, False, 9, True) == encode_base(3, False, 9, True)
+
+
+def test_more_than_a_lap_used_between_checks_always_signals(ram, memory):
+    """Used positions are modulo the ring size: after a lap or more of used
+    descriptors since the last check, [old, new) cannot show whether the
+    driver's event was passed (here it was, in the lap that is hidden)."""
+    # The driver's event is written by hand (a ring without event_idx leaves it alone).
+    ring, queue = make_queue(ram, memory, event_idx=True, ring=PackedRing(ram, 8))
+    buf = ram.alloc(16)
+
+    def one_more():
+        ring.add_chain([(buf, 16, True)])
+        ring.publish()
+        serve(queue)
+        ring.pop_used()
+
+    one_more()
+    assert queue.needs_notification()          # the first check: always (used at 1)
+    ring.set_driver_event(2, 5 | 1 << 15)       # interrupt when position 5 of lap 1 is used
+    for _ in range(9):                          # 1..7 of lap 1 (past 5), then 0..1 of lap 2
+        one_more()
+    assert queue.used_pos == 2 and not queue.used_wrap
+    assert queue.needs_notification()
+    # Within a lap the event still decides: 7 of this lap is not reached at 4.
+    ring.set_driver_event(2, 7)
+    one_more()
+    one_more()
+    assert queue.used_pos == 4 and not queue.needs_notification()

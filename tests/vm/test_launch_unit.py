@@ -85,3 +85,19 @@ def test_viommu_machine_arguments(tmp_path):
     plain = Machine("7.2", tmp_path, disks=[VhostUserBlk("/tmp/a.sock")], kernel="k", initrd="i")
     assert "intel-iommu" not in " ".join(plain.args())
     assert "intel_iommu" not in plain.kernel_cmdline
+
+
+def test_vhost_user_net_packed_and_behind_the_viommu():
+    from pyvhost_user.launch.net import VhostUserNet
+
+    plain = VhostUserNet("/s.sock", "52:54:00:00:00:01").args(0)
+    assert plain[-1] == "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"
+    assert "pcie-root-port" not in " ".join(plain)
+    args = VhostUserNet("/s.sock", "52:54:00:00:00:01", packed=True, iommu=True,
+                        options={"vectors": 0}).args(1)
+    assert args[-4:-2] == ["-device", "pcie-root-port,id=rp-net1,bus=pcie.0,chassis=102"]
+    assert args[-1] == ("virtio-net-pci,netdev=net1,mac=52:54:00:00:00:01,vectors=0,packed=on,"
+                        "iommu_platform=on,ats=on,disable-legacy=on,bus=rp-net1")
+    # a bus of the caller's choosing: no port of ours
+    args = VhostUserNet("/s.sock", "52:54:00:00:00:01", iommu=True, options={"bus": "pcie.0"}).args(0)
+    assert "pcie-root-port" not in " ".join(args) and ",bus=pcie.0," in args[-1]

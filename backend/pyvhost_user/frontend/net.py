@@ -1,7 +1,11 @@
 """The virtio-net driver side, on top of ``Frontend``: send and receive frames.
 
 Queues as the spec numbers them: RX 2i, TX 2i+1 for each pair i, then the
-control queue. Each RX ring is kept full of one-descriptor buffers of
+control queue. Split or packed rings (``packed=True`` accepts
+VIRTIO_F_RING_PACKED; the ring layout follows what was negotiated), with or
+without an IOMMU (``iommu=``: ACCESS_PLATFORM acked, descriptors and ring
+addresses are IOVAs, the back-end's misses answered in the background, as
+with the blk driver). Each RX ring is kept full of one-descriptor buffers of
 ``rx_buffer_bytes`` (header + frame, as Linux's small-buffer mode without
 MRG_RXBUF); a received buffer is read and given back at once. A TX frame is
 one readable descriptor: a zero header and the frame. Completions are
@@ -32,6 +36,8 @@ from ..wire import VirtioFeature
 from .client import DEFAULT_TIMEOUT, Frontend
 from .errors import FrontendError, FrontendTimeout, ProtocolViolation
 from .guest_ram import GuestRam
+from .iommu import Iommu, IommuMode
+from .packed_ring import PackedRing
 from .split_ring import SplitRing
 
 NET_CONFIG_SIZE: Final = NetConfig.LAYOUT.size  # mac, status, max pairs, mtu
@@ -70,11 +76,13 @@ class NetDriver:
         driver_features: int = NET_DRIVER_FEATURES,
         rx_buffer_bytes: int = RX_BUFFER_BYTES,
         io_timeout: float = 10.0,
+        packed: bool = False,
     ) -> None:
+        """``packed``: accept VIRTIO_F_RING_PACKED (used when the back-end offers it)."""
         self.frontend = frontend
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
-        self.driver_features = driver_features
+        self.driver_features = driver_features | (VirtioFeature.RING_PACKED if packed else 0)
         self.rx_buffer_bytes = rx_buffer_bytes
         self.io_timeout = io_timeout
         self.config: NetConfig | None = None
@@ -94,11 +102,16 @@ class NetDriver:
         timeout: float = DEFAULT_TIMEOUT,
         driver_features: int = NET_DRIVER_FEATURES,
         extension: bool = False,
+        packed: bool = False,
+        iommu: Iommu | IommuMode | None = None,
+        premap: bool = False,
     ) -> NetDriver:
+        """Connect and start. ``packed``: accept packed rings; ``iommu``: present
+        IOVAs (see ``Frontend``); ``premap``: UPDATE the whole page table at start."""
         frontend = Frontend.connect(path, ram, timeout=timeout, profile=profile,
-                                    extension=extension)
+                                    extension=extension, iommu=iommu, premap=premap)
         driver = cls(frontend, queue_pairs=queue_pairs, queue_size=queue_size,
-                     driver_features=driver_features)
+                     driver_features=driver_features, packed=packed)
         try:
             driver.start()
         except BaseException:
@@ -115,7 +128,7 @@ class NetDriver:
     def control_queue(self) -> int:
         return 2 * self.queue_pairs
 
-    def ring(self, queue: int) -> SplitRing:
+    def ring(self, queue: int) -> SplitRing | PackedRing:
         ring = self.frontend.queue(queue).ring
         if ring is None:
             raise FrontendError(f"queue {queue} is not started")
@@ -129,11 +142,32 @@ class NetDriver:
     def features(self) -> int:
         return self.frontend.acked_features
 
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: the rings are packed."""
+        return bool(self.features & VirtioFeature.RING_PACKED)
+
+    @property
+    def access_platform(self) -> bool:
+        """VIRTIO_F_ACCESS_PLATFORM was negotiated: the device sees IOVAs."""
+        return self.frontend.access_platform
+
     def start(self) -> None:
         """Handshake with GET_CONFIG, driver start of every queue, RX rings filled."""
         self.frontend.handshake(num_queues=self.num_queues, config_size=NET_CONFIG_SIZE)
         self.config = NetConfig.decode(self.frontend.config)
         self.frontend.start_device([self.queue_size] * self.num_queues, self.driver_features)
+        for pair in range(self.queue_pairs):
+            self._fill_rx(pair)
+
+    def reboot(self) -> None:
+        """A guest reboot (``Frontend.reboot``: rings stopped, [RESET_DEVICE],
+        started again fresh): buffers in the old rings are forgotten, RX refilled."""
+        for buffers in (*self._rx_buffers, *self._tx_buffers):
+            for gpa in buffers.values():
+                self.ram.free(gpa)
+            buffers.clear()
+        self.frontend.reboot()
         for pair in range(self.queue_pairs):
             self._fill_rx(pair)
 
@@ -156,7 +190,12 @@ class NetDriver:
         buffers = self._rx_buffers[pair]
         while ring.free_descriptors:
             gpa = self.ram.alloc(self.rx_buffer_bytes, 64)
-            head = ring.add_chain([(gpa, self.rx_buffer_bytes, True)])
+            segments = [(gpa, self.rx_buffer_bytes, True)]
+            if _descriptors(ring, segments) > ring.free_descriptors:
+                # Behind a shuffling IOMMU a buffer may take a descriptor per IOVA run.
+                self.ram.free(gpa)
+                break
+            head = ring.add_chain(segments)
             buffers[head] = gpa
         if ring.publish():
             self.frontend.kick(2 * pair)
@@ -211,15 +250,21 @@ class NetDriver:
         buffers = self._tx_buffers[pair]
         sent = 0
         for frame in frames:
-            while not ring.free_descriptors:
-                self._publish(queue)
-                self._reap_tx(pair)
-                if not ring.free_descriptors:
-                    self._wait([queue], deadline, "room on the TX ring")
             packet = ZERO_HEADER + bytes(frame)
             gpa = self.ram.alloc(len(packet), 64)
             self.ram.write(gpa, packet)
-            head = ring.add_chain([(gpa, len(packet), False)])
+            segments = [(gpa, len(packet), False)]
+            needed = _descriptors(ring, segments)
+            try:
+                while ring.free_descriptors < needed:
+                    self._publish(queue)
+                    self._reap_tx(pair)
+                    if ring.free_descriptors < needed:
+                        self._wait([queue], deadline, "room on the TX ring")
+            except BaseException:
+                self.ram.free(gpa)
+                raise
+            head = ring.add_chain(segments)
             buffers[head] = gpa
             sent += 1
         self._publish(queue)
@@ -297,3 +342,8 @@ class NetDriver:
         poller.poll(remaining * 1000)
         for state in states:
             state.clear_call()
+
+
+def _descriptors(ring: SplitRing | PackedRing, segments: list[tuple[int, int, bool]]) -> int:
+    """Ring descriptors ``segments`` take: one per IOVA run behind an IOMMU."""
+    return len(ring.dma_segments(segments))

@@ -291,17 +291,19 @@ def start_testpmd(
     peer_mac: str | None = None,
     memory_mb: int = 256,
     mbufs: int = 8192,
+    packed_vq: bool = False,
     extra_eal: Sequence[str] = (),
     extra_app: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
 ) -> Testpmd:
     """Start testpmd on ``socket_path`` (the back-end must listen there) and
-    return at its first prompt, when the port is configured and started."""
+    return at its first prompt, when the port is configured and started.
+    ``packed_vq``: virtio_user asks for packed rings (``packed_vq=1``)."""
     binary = find_testpmd()
     file_prefix = f"pyvhost-user-{uuid.uuid4().hex[:12]}"
     argv = testpmd_argv(socket_path, mac=mac, queue_pairs=queue_pairs, queue_size=queue_size,
                         peer_mac=peer_mac, memory_mb=memory_mb, mbufs=mbufs,
-                        file_prefix=file_prefix, extra_eal=extra_eal, extra_app=extra_app,
+                        packed_vq=packed_vq, file_prefix=file_prefix, extra_eal=extra_eal, extra_app=extra_app,
                         testpmd=binary)
     log_path = Path(log_path)
     log_path.write_bytes((" ".join(argv) + "\n").encode())

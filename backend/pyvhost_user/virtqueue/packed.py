@@ -72,6 +72,27 @@ def decode_base(base: int) -> tuple[int, bool, int, bool]:
     return base & 0x7FFF, bool(base & WRAP_BIT), (base >> 16) & 0x7FFF, bool(base >> 31 & 1)
 
 
+def start_positions(base: int) -> tuple[int, bool, int, bool]:
+    """Where a ring starts from a SET_VRING_BASE value: ``decode_base``, except
+    that a value with only the avail half (bits 16-31 zero) starts the used
+    position at the avail one.
+
+    QEMU sends both halves (virtio_queue_packed_get_last_avail_idx). DPDK's
+    virtio_user (22.11) sends only the avail half, ``0x8000`` for a fresh
+    ring, and DPDK's own vhost back-end reads only that half and sets used =
+    avail. Taken literally, 0x8000 says "used 0 with wrap 0", a whole lap
+    behind avail: used descriptors would be written with the wrong wrap
+    counter and the driver would never see one. After an orderly stop used
+    and avail are equal (every chain is completed before GET_VRING_BASE is
+    answered), and where both halves really are zero, used = avail is the
+    same value; so reading an empty used half as "same as avail" is safe.
+    """
+    avail_idx, avail_wrap, used_idx, used_wrap = decode_base(base)
+    if not base >> 16:
+        used_idx, used_wrap = avail_idx, avail_wrap
+    return avail_idx, avail_wrap, used_idx, used_wrap
+
+
 def is_available(flags: int, wrap: bool) -> bool:
     """A driver descriptor made available in the lap whose wrap counter is ``wrap``."""
     return bool(flags & VIRTQ_DESC_F_AVAIL) == wrap and bool(flags & VIRTQ_DESC_F_USED) != wrap
@@ -115,7 +136,7 @@ class PackedQueue:
         ):
             if addr % align:
                 raise InvalidQueueConfig(f"queue {config.index}: {name} {addr:#x} misaligned")
-        avail_idx, avail_wrap, used_idx, used_wrap = decode_base(config.base)
+        avail_idx, avail_wrap, used_idx, used_wrap = start_positions(config.base)
         if avail_idx >= size or used_idx >= size or config.base >> 32:
             raise InvalidQueueConfig(
                 f"queue {config.index}: packed base {config.base:#x} does not fit a ring of {size}")
@@ -140,6 +161,7 @@ class PackedQueue:
         self._ring_generation: int | None = None
         self._signalled_used = 0
         self._signalled_valid = False
+        self._pushed_since_signal = 0  # descriptors made used since needs_notification
         if eager:
             self.ensure_rings()
 
@@ -303,6 +325,7 @@ class PackedQueue:
         if length:
             flags |= VIRTQ_DESC_F_WRITE  # "data has been written": len is valid
         self.desc16[8 * position + 7] = flags  # publishes the descriptor: last
+        self._pushed_since_signal += count
         if self.inflight is not None:
             self.inflight.release_after_publish(entry)
 
@@ -311,8 +334,13 @@ class PackedQueue:
         new = self.used_pos
         old = self._signalled_used
         self._signalled_used = new
-        valid = self._signalled_valid
+        # Positions are taken modulo the ring size: a lap or more of used
+        # descriptors since the last check (a driver that reaps while the device
+        # serves can get there) leaves [old, new) ambiguous, and the driver's
+        # event may lie in the lap it hides. Then signal.
+        valid = self._signalled_valid and self._pushed_since_signal < self.size
         self._signalled_valid = True
+        self._pushed_since_signal = 0
         flags = self.driver16[1] & 0x3
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
