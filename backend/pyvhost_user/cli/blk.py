@@ -122,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(sleep --map-cost-rate per GiB, nothing allocated)",
     )
     p.add_argument(
-        "--io-threads", type=int, default=0, metavar="N",
+        "--io-threads", type=int, default=2, metavar="N",
         help="per ring, N threads serve requests of 64 KiB and more, flushes, discards and "
         "write-zeroes, so that large copies use several CPUs and a slow flush does not hold "
-        "the ring (default 0: the ring's worker serves everything)",
+        "the ring (default 2; 0: the ring's worker serves everything)",
     )
     p.add_argument(
         "--queue-workers", choices=[w.value for w in QueueWorkers], default=QueueWorkers.AUTO.value,
