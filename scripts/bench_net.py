@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import struct
 import sys
 import tempfile
@@ -180,6 +181,7 @@ def main() -> int:
     finally:
         for proc in (*backends, switch):
             proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # sockets and logs of this run only
     print(f"{'path':<20} {'frame bytes':>11} {'frames':>8} {'seconds':>8} {'frames/s':>10} "
           f"{'Gbit/s':>8}")
     for r in results:
