@@ -146,3 +146,9 @@ def test_more_queues_than_offered_is_refused_like_qemu(backend_factory, image, k
     backend = backend_factory(kind, image, num_queues=1)
     with pytest.raises(Exception, match="maximum number of queues supported by the backend is 1"):
         BlkDriver.connect(backend.socket_path, num_queues=2)
+
+
+def test_serial_option_is_what_get_id_returns(backend_factory, image):
+    backend = backend_factory("pyvhost", image, extra_args=("--serial", "disk-serial-42"))
+    with BlkDriver.connect(backend.socket_path) as driver:
+        assert driver.get_id().rstrip(b"\0") == b"disk-serial-42"
