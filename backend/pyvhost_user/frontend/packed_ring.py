@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 from .errors import ProtocolViolation, RingError
 from .guest_ram import GuestRam
-from .split_ring import dma_align, vring_need_event
+from .split_ring import RingDma, vring_need_event
 
 if TYPE_CHECKING:
     from .iommu import Iommu
@@ -66,7 +66,7 @@ def packed_base(avail_pos: int, avail_wrap: bool, used_pos: int, used_wrap: bool
     return (avail_pos | avail_wrap << 15) | (used_pos | used_wrap << 15) << 16
 
 
-class PackedRing:
+class PackedRing(RingDma):
     """Descriptor ring and event areas of one packed queue, driven from the driver side."""
 
     packed = True
@@ -124,11 +124,6 @@ class PackedRing:
         for gpa in (self.desc_gpa, self.driver_gpa, self.device_gpa):
             self.ram.free(gpa)
 
-    def _alloc(self, size: int, align: int) -> int:
-        if self.iommu is not None:
-            return self.ram.alloc(size, dma_align(size, align))
-        return self.ram.alloc(size, align)
-
     @property
     def start_base(self) -> int:
         """The SET_VRING_BASE value for (re)starting a quiet ring: both positions
@@ -136,11 +131,6 @@ class PackedRing:
         return packed_base(self.next_used, self.used_wrap, self.next_used, self.used_wrap)
 
     # -- addresses for SET_VRING_ADDR: desc ring, device area ("used"), driver area ("avail")
-    def _ring_addr(self, gpa: int, length: int) -> int:
-        if self.iommu is not None:
-            return self.iommu.iova_contiguous(gpa, length)
-        return self.ram.uva(gpa)
-
     @property
     def desc_user_addr(self) -> int:
         return self._ring_addr(self.desc_gpa, self._sizes[0])
@@ -152,19 +142,6 @@ class PackedRing:
     @property
     def used_user_addr(self) -> int:
         return self._ring_addr(self.device_gpa, EVENT_AREA_SIZE)
-
-    def dma_segments(
-        self, segments: Sequence[tuple[int, int, bool]]
-    ) -> list[tuple[int, int, bool]]:
-        if self.iommu is None:
-            return [tuple(s) for s in segments]  # type: ignore[misc]
-        out: list[tuple[int, int, bool]] = []
-        for gpa, length, writable in segments:
-            if length == 0:
-                out.append((self.iommu.iova(gpa), 0, writable))
-                continue
-            out.extend((iova, run, writable) for iova, run in self.iommu.iova_runs(gpa, length))
-        return out
 
     # -- raw field access (tests may corrupt anything) -----------------------
     def write_descriptor(self, position: int, addr: int, length: int, id_: int, flags: int) -> None:

@@ -83,7 +83,45 @@ def ring_sizes(size: int) -> tuple[int, int, int]:
     return 16 * size, 6 + 2 * size, 6 + 8 * size
 
 
-class SplitRing:
+class RingDma:
+    """Where a ring's structures and buffers are placed, and the addresses the
+    device is given for them: gpas and front-end user addresses, or IOVAs when
+    ``iommu`` is set. Shared by the split and packed rings."""
+
+    ram: GuestRam
+    iommu: Iommu | None
+
+    def _alloc(self, size: int, align: int) -> int:
+        """With an IOMMU, a structure of at most a page never crosses a page (so it
+        is one IOVA run whatever the page table); a bigger one starts on a page."""
+        if self.iommu is not None:
+            return self.ram.alloc(size, dma_align(size, align))
+        return self.ram.alloc(size, align)
+
+    # Without an IOMMU ring addresses are front-end user addresses (what QEMU
+    # sends in SET_VRING_ADDR); with one, IOVAs (QEMU's vhost_memory_map returns
+    # the IOVA itself then).
+    def _ring_addr(self, gpa: int, length: int) -> int:
+        if self.iommu is not None:
+            return self.iommu.iova_contiguous(gpa, length)
+        return self.ram.uva(gpa)
+
+    def dma_segments(
+        self, segments: Sequence[tuple[int, int, bool]]
+    ) -> list[tuple[int, int, bool]]:
+        """gpa segments as the device must see them: IOVA runs with an IOMMU, else as is."""
+        if self.iommu is None:
+            return [tuple(s) for s in segments]  # type: ignore[misc]
+        out: list[tuple[int, int, bool]] = []
+        for gpa, length, writable in segments:
+            if length == 0:
+                out.append((self.iommu.iova(gpa), 0, writable))
+                continue
+            out.extend((iova, run, writable) for iova, run in self.iommu.iova_runs(gpa, length))
+        return out
+
+
+class SplitRing(RingDma):
     """Descriptor table, avail and used rings of one queue, driven from the driver side.
 
     ``start_index`` starts avail.idx and used.idx there (the base to send with
@@ -156,21 +194,7 @@ class SplitRing:
         for gpa in (self.desc_gpa, self.avail_gpa, self.used_gpa):
             self.ram.free(gpa)
 
-    def _alloc(self, size: int, align: int) -> int:
-        """With an IOMMU, a structure of at most a page never crosses a page (so it
-        is one IOVA run whatever the page table); a bigger one starts on a page."""
-        if self.iommu is not None:
-            return self.ram.alloc(size, dma_align(size, align))
-        return self.ram.alloc(size, align)
-
     # -- addresses for SET_VRING_ADDR ----------------------------------------
-    # Without an IOMMU these are front-end user addresses (what QEMU sends);
-    # with one, IOVAs (QEMU's vhost_memory_map returns the IOVA itself then).
-    def _ring_addr(self, gpa: int, length: int) -> int:
-        if self.iommu is not None:
-            return self.iommu.iova_contiguous(gpa, length)
-        return self.ram.uva(gpa)
-
     @property
     def desc_user_addr(self) -> int:
         return self._ring_addr(self.desc_gpa, self._sizes[0])
@@ -182,20 +206,6 @@ class SplitRing:
     @property
     def used_user_addr(self) -> int:
         return self._ring_addr(self.used_gpa, self._sizes[2])
-
-    def dma_segments(
-        self, segments: Sequence[tuple[int, int, bool]]
-    ) -> list[tuple[int, int, bool]]:
-        """gpa segments as the device must see them: IOVA runs with an IOMMU, else as is."""
-        if self.iommu is None:
-            return [tuple(s) for s in segments]  # type: ignore[misc]
-        out: list[tuple[int, int, bool]] = []
-        for gpa, length, writable in segments:
-            if length == 0:
-                out.append((self.iommu.iova(gpa), 0, writable))
-                continue
-            out.extend((iova, run, writable) for iova, run in self.iommu.iova_runs(gpa, length))
-        return out
 
     # -- raw field access (tests may corrupt anything) -----------------------
     def write_descriptor(self, index: int, addr: int, length: int, flags: int, next_: int) -> None:
