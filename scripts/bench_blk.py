@@ -49,6 +49,7 @@ from pyvhost_user.frontend.blk import BLK_DRIVER_FEATURES
 from pyvhost_user.frontend.blk_load import BlkLoad, Pattern, stamp_image
 from pyvhost_user.frontend.guest_ram import GuestRam
 from pyvhost_user.launch.backends import backend_command, start_backend
+from pyvhost_user.launch.process import tree_cpu_seconds
 from pyvhost_user.wire import VirtioFeature
 
 MiB = 1 << 20
@@ -84,29 +85,6 @@ def workloads(queues: int) -> list[Workload]:
             Workload(f"seq-read-1M-qd4-{queues}q", seq_r, 4, queues, "MiB/s"),
         ]
     return rows
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system time so far of ``pid``, its children still running (our
-    worker processes) and those it has reaped."""
-    def ticks(stat_path: str) -> int:
-        with open(stat_path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-
-    total = ticks(f"/proc/{pid}/stat")
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children = f.read().split()
-        except FileNotFoundError:
-            continue
-        for child in children:
-            try:
-                total += ticks(f"/proc/{child}/stat")
-            except FileNotFoundError:
-                pass  # exited since: counted in cutime once reaped
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -156,9 +134,9 @@ def run_cell(kind: str, image: Path, workdir: Path, w: Workload, queues: int, se
         ) as driver:
             load = BlkLoad(driver, w.pattern, depth=w.depth)
             load.run(ios=w.depth * nqueues * 4)  # warm-up: page tables, page cache, threads
-            cpu0 = process_cpu_seconds(backend.pid)
+            cpu0 = tree_cpu_seconds(backend.pid)
             result = load.run(seconds)
-            cpu = process_cpu_seconds(backend.pid) - cpu0
+            cpu = tree_cpu_seconds(backend.pid) - cpu0
             rss = rss_mib(backend.pid)
     finally:
         backend.stop()

@@ -40,6 +40,7 @@ from pyvhost_user.frontend.blk_load import BlkLoad, Pattern, stamp_image
 from pyvhost_user.frontend.guest_ram import GuestRam
 from pyvhost_user.frontend.iommu import LinearIommu
 from pyvhost_user.launch.backends import start_backend
+from pyvhost_user.launch.process import tree_cpu_seconds
 from pyvhost_user.memory import GuestMemory, map_region
 from pyvhost_user.memory.iotlb import PERM_READ, PERM_WRITE, DefaultMapping, Iotlb
 
@@ -91,12 +92,6 @@ def _measure(n: int, memory: GuestMemory, probes: int) -> dict[str, float]:
     iotlb.reset_map()
     reset_s = time.perf_counter() - t0
     return {"map": map_s, "lookup": lookup_s, "invalidate": invalidate_s, "reset_map": reset_s}
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def part_ops(args: argparse.Namespace, out: dict) -> None:
@@ -203,9 +198,9 @@ def part_share(args: argparse.Namespace, workdir: Path, out: dict) -> None:
                 with ControlClient(control) as c:
                     t0 = c.execute("query-stats").get("iotlb_translations", 0)
                     entries = c.execute("query-address-spaces")[0]["entries"]
-                cpu0 = cpu_seconds(backend.pid)
+                cpu0 = tree_cpu_seconds(backend.pid)
                 r = load.run(args.seconds)
-                cpu = cpu_seconds(backend.pid) - cpu0
+                cpu = tree_cpu_seconds(backend.pid) - cpu0
                 with ControlClient(control) as c:
                     t1 = c.execute("query-stats").get("iotlb_translations", 0)
             ram.close()

@@ -19,17 +19,16 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .machine import VhostUserBlk
+from .process import ListeningProcess, children, wait_listening
 from .qemu_binaries import qemu_storage_daemon
 
 BACKEND_KINDS = ("pyvhost", "qsd")
 START_TIMEOUT = 20.0
-SOCKET_POLL_INTERVAL = 0.01
 
 
 class BackendError(RuntimeError):
@@ -37,7 +36,7 @@ class BackendError(RuntimeError):
 
 
 @dataclass
-class BackendProcess:
+class BackendProcess(ListeningProcess):
     kind: str
     socket_path: Path
     image: Path
@@ -52,30 +51,6 @@ class BackendProcess:
         """The matching vhost-user-blk-pci device for a ``Machine``."""
         options.setdefault("num_queues", self.num_queues)
         return VhostUserBlk(self.socket_path, **options)  # type: ignore[arg-type]
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (the back-end convention), then SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def backend_command(
@@ -137,28 +112,13 @@ def start_backend(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     backend = BackendProcess(kind, socket_path, image, process, log_path, num_queues, read_only,
                              tuple(extra_args), tuple(command_prefix))
-    deadline = time.monotonic() + timeout
-    # Bounded poll for the socket: neither back-end has another readiness signal.
-    while not socket_path.exists():
-        if process.poll() is not None:
-            raise BackendError(f"{kind} back-end exited with {process.returncode}:\n{backend.log()}")
-        if time.monotonic() > deadline:
-            backend.stop()
-            raise BackendError(f"{kind} back-end did not create {socket_path} in {timeout} s")
-        time.sleep(SOCKET_POLL_INTERVAL)
+    wait_listening(backend, socket_path, timeout, f"{kind} back-end", BackendError)
     return backend
 
 
 def worker_pids(backend: BackendProcess) -> list[int]:
     """The back-end's children: its rings' worker processes (--queue-workers)."""
-    pids: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{backend.pid}/task"):
-            with open(f"/proc/{backend.pid}/task/{task}/children") as f:
-                pids += [int(p) for p in f.read().split()]
-    except OSError:
-        pass
-    return pids
+    return children(backend.pid)
 
 
 def freeze_backend(backend: BackendProcess) -> None:

@@ -8,17 +8,16 @@ first, so frames can flow once the socket is there).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .process import ListeningProcess, wait_listening
+
 START_TIMEOUT = 20.0
-SOCKET_POLL_INTERVAL = 0.01
 
 
 class NetProcessError(RuntimeError):
@@ -26,34 +25,13 @@ class NetProcessError(RuntimeError):
 
 
 @dataclass
-class NetProcess:
+class NetProcess(ListeningProcess):
     """The switch or one back-end, by pid, with its log."""
 
     what: str
     socket_path: Path
     process: subprocess.Popen[bytes]
     log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def _start(what: str, command: list[str], socket_path: Path, log_path: Path,
@@ -62,15 +40,7 @@ def _start(what: str, command: list[str], socket_path: Path, log_path: Path,
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
     proc = NetProcess(what, socket_path, process, log_path)
-    deadline = time.monotonic() + timeout
-    # Bounded poll for the socket: the programs have no other readiness signal.
-    while not socket_path.exists():
-        if process.poll() is not None:
-            raise NetProcessError(f"{what} exited with {process.returncode}:\n{proc.log()}")
-        if time.monotonic() > deadline:
-            proc.stop()
-            raise NetProcessError(f"{what} did not create {socket_path} in {timeout} s")
-        time.sleep(SOCKET_POLL_INTERVAL)
+    wait_listening(proc, socket_path, timeout, what, NetProcessError)
     return proc
 
 
