@@ -89,6 +89,7 @@ class ProcessQueueWorker:
         self._final: dict[str, Any] | None = None
         self._reports = b""  # what came from the child and is not a whole line yet
         self._reports_ended = threading.Event()  # the child's end of the pipe is closed
+        self._reported: dict[str, int] = {}  # in the child: the counters sent so far
 
     # -- parent ------------------------------------------------------------
     def start(self) -> None:
@@ -209,8 +210,6 @@ class ProcessQueueWorker:
             "misses": loop.misses,
             "counters": self._counters_since_last_report(),
         }})
-
-    _reported: dict[str, int] = {}
 
     def _counters_since_last_report(self) -> dict[str, int]:
         now = self.device.private_counters()

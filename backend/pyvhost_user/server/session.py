@@ -314,13 +314,13 @@ class Session:
             inherited = code in CHANGES_WHAT_WORKER_PROCESSES_INHERIT
             if inherited:
                 allowed_before = self._worker_process_allowed()
-                paused = self._pause_worker_processes(_ring_of(message))
+                paused = self._pause_rings(ProcessQueueWorker, _ring_of(message))
             try:
                 answer = handler(message)
             finally:
                 if inherited and not allowed_before and self._worker_process_allowed():
                     # Logging just ended (a migration cancelled): back to processes.
-                    paused += self._pause_worker_threads()
+                    paused += self._pause_rings(QueueWorker)
                 self._resume_rings(paused)
         except Refused as exc:
             message.close_fds()
@@ -681,21 +681,15 @@ class Session:
         if ring.worker is not None:
             ring.worker.set_enabled(ring.config.enabled)
 
-    def _pause_worker_processes(self, only: int | None = None) -> list[Ring]:
-        """Stop the rings served by worker processes (they would go on with what
-        they inherited), or only ring ``only`` for a request about one ring;
-        ``_resume_rings`` starts them again, from where they were."""
-        # A broken ring stays as it is: its child has ended, and it waits for a reset.
+    def _pause_rings(self, served_by: type, only: int | None = None) -> list[Ring]:
+        """Stop the running rings whose worker is a ``served_by`` (or only ring
+        ``only``); ``_resume_rings`` starts them again, from where they were.
+        Worker processes are paused around requests that change what they
+        inherited; threads when rings can move to processes (logging ended)."""
+        # A broken ring stays as it is: its worker has ended, and it waits for a reset.
         paused = [r for r in self.rings
-                  if isinstance(r.worker, ProcessQueueWorker) and not r.config.broken
+                  if isinstance(r.worker, served_by) and not r.config.broken
                   and (only is None or r.config.index == only)]
-        for ring in paused:
-            self._stop_ring(ring)
-        return paused
-
-    def _pause_worker_threads(self) -> list[Ring]:
-        paused = [r for r in self.rings
-                  if isinstance(r.worker, QueueWorker) and not r.config.broken]
         for ring in paused:
             self._stop_ring(ring)
         return paused
