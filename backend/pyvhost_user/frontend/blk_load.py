@@ -33,7 +33,6 @@ from .split_ring import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 STAMP_BLOCK: Final = 4096
 STAMP: Final = struct.Struct("<Q")
 _SECTOR: Final = struct.Struct("<Q")
-_USED_ELEM: Final = struct.Struct("<II")
 SECTORS_PER_STAMP: Final = STAMP_BLOCK // SECTOR_SIZE
 
 
@@ -104,8 +103,6 @@ class _QueueSlots:
         self.pattern = pattern
         self.size = ring.size
         self.event_idx = ring.event_idx
-        self.used16 = ring._used16  # the used ring, read as the device writes it
-        self.used = ring._used
         ids = ring.take_descriptors(3 * depth)
         self.heads: dict[int, int] = {}  # head descriptor -> slot
         self.headers: list[memoryview] = []
@@ -169,7 +166,7 @@ class _QueueSlots:
         done: list[int] = []
         expected_len = 1 if self.pattern.write else self.pattern.block + 1
         while True:
-            used_idx = self.used16[1]
+            used_idx = ring.used_idx
             pending = (used_idx - ring.last_used_idx) & 0xFFFF
             if pending > self.in_flight:
                 raise ProtocolViolation(
@@ -177,7 +174,7 @@ class _QueueSlots:
                     f"{ring.last_used_idx} with {self.in_flight} in flight"
                 )
             for _ in range(pending):
-                head, length = _USED_ELEM.unpack_from(self.used, 4 + 8 * (ring.last_used_idx % self.size))
+                head, length = ring.used_entry(ring.last_used_idx % self.size)
                 slot = self.heads.get(head)
                 if slot is None:
                     raise ProtocolViolation(f"queue {self.queue}: used entry for head {head}, not a request head")
@@ -204,7 +201,7 @@ class _QueueSlots:
             # Ask for an interrupt at the next entry, then look again: an entry
             # written before the device saw the new used_event sends none.
             ring.used_event = ring.last_used_idx
-            if self.used16[1] == used_idx:
+            if ring.used_idx == used_idx:
                 return done
 
     def publish(self) -> bool:
@@ -217,7 +214,7 @@ class _QueueSlots:
             view.release()
         for gpa in self._allocations:
             self.ram.free(gpa)
-        self.ring._free.extend(self._ids)
+        self.ring.give_back_descriptors(self._ids)
 
 
 class BlkLoad:

@@ -278,6 +278,10 @@ class SplitRing(RingDma):
             raise RingError(f"{count} descriptors wanted, {len(self._free)} free")
         return [self._free.popleft() for _ in range(count)]
 
+    def give_back_descriptors(self, ids: Sequence[int]) -> None:
+        """Return ids ``take_descriptors`` gave, once no chain of theirs is in flight."""
+        self._free.extend(ids)
+
     def add_chain(
         self,
         segments: Sequence[tuple[int, int, bool]],
