@@ -49,7 +49,7 @@ from .chain import (
 )
 from .errors import BadChain, InvalidQueueConfig, QueueCorrupted
 from .inflight_packed import PackedInflightQueue, RecordedDescriptor
-from .split import QueueConfig
+from .split import QueueConfig, check_ring_addresses, need_event
 
 PACKED_DESC: Final = struct.Struct("<QIHH")  # addr, len, id, flags
 VIRTQ_DESC_F_AVAIL: Final = 1 << 7
@@ -98,11 +98,6 @@ def is_available(flags: int, wrap: bool) -> bool:
     return bool(flags & VIRTQ_DESC_F_AVAIL) == wrap and bool(flags & VIRTQ_DESC_F_USED) != wrap
 
 
-def need_event(event: int, new: int, old: int) -> bool:
-    """virtio's vring_need_event in u16 arithmetic: did [old, new) pass ``event``?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-
 class PackedQueue:
     """A running packed ring, with the interface ``QueueWorker`` uses for split rings.
 
@@ -125,17 +120,7 @@ class PackedQueue:
         size = config.size
         if not 0 < size <= MAX_PACKED_QUEUE_SIZE:
             raise InvalidQueueConfig(f"queue {config.index}: packed size {size} not in 1..32768")
-        if not config.addresses_set:
-            raise InvalidQueueConfig(f"queue {config.index}: ring addresses not set")
-        assert config.desc_addr is not None and config.avail_addr is not None
-        assert config.used_addr is not None
-        for name, addr, align in (
-            ("descriptor ring", config.desc_addr, 16),
-            ("driver area", config.avail_addr, 4),
-            ("device area", config.used_addr, 4),
-        ):
-            if addr % align:
-                raise InvalidQueueConfig(f"queue {config.index}: {name} {addr:#x} misaligned")
+        check_ring_addresses(config, (("descriptor ring", 16), ("driver area", 4), ("device area", 4)))
         avail_idx, avail_wrap, used_idx, used_wrap = start_positions(config.base)
         if avail_idx >= size or used_idx >= size or config.base >> 32:
             raise InvalidQueueConfig(

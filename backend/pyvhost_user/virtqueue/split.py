@@ -82,6 +82,23 @@ class QueueConfig:
         return None not in (self.desc_addr, self.avail_addr, self.used_addr)
 
 
+def check_ring_addresses(config: QueueConfig, areas: tuple[tuple[str, int], ...]) -> None:
+    """The three ring addresses set, each aligned as its layout needs: ``areas``
+    names and aligns the descriptor, driver (avail) and device (used) areas."""
+    if not config.addresses_set:
+        raise InvalidQueueConfig(f"queue {config.index}: ring addresses not set")
+    for (name, align), addr in zip(areas, (config.desc_addr, config.avail_addr, config.used_addr)):
+        assert addr is not None
+        if addr % align:
+            raise InvalidQueueConfig(f"queue {config.index}: {name} {addr:#x} misaligned")
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event in u16 arithmetic: did [old, new) pass ``event``?
+    (A split ring's used_event; a packed ring's event offset.)"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
 class SplitQueue:
     """A running split ring. Not thread-safe: one worker owns it."""
 
@@ -99,17 +116,7 @@ class SplitQueue:
         size = config.size
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise InvalidQueueConfig(f"queue {config.index}: size {size} is not a power of 2 <= 32768")
-        if not config.addresses_set:
-            raise InvalidQueueConfig(f"queue {config.index}: ring addresses not set")
-        assert config.desc_addr is not None and config.avail_addr is not None
-        assert config.used_addr is not None
-        for name, addr, align in (
-            ("descriptor table", config.desc_addr, 16),
-            ("avail ring", config.avail_addr, 2),
-            ("used ring", config.used_addr, 4),
-        ):
-            if addr % align:
-                raise InvalidQueueConfig(f"queue {config.index}: {name} {addr:#x} misaligned")
+        check_ring_addresses(config, (("descriptor table", 16), ("avail ring", 2), ("used ring", 4)))
         self.index = config.index
         self.size = size
         self.buffers = buffers
@@ -254,8 +261,7 @@ class SplitQueue:
             self._signalled_valid = True
             return True
         used_event = self.avail16[2 + self.size]
-        # vring_need_event(): interrupt when used_event lies in [old, new).
-        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return need_event(used_event, new, old)
 
     def used_ring_range(self) -> tuple[int, int]:
         """(offset, length) of the used ring in its address space, for dirty logging."""
