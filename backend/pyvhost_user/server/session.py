@@ -239,7 +239,6 @@ class Session:
         self.offered_features = TRANSPORT_FEATURES | device.device_features
         self.offered_protocol_features = PROTOCOL_FEATURES | _device_protocol_features(device)
         self.acked_features = 0
-        self._acked_int = 0
         self.features_set = False
         self.acked_protocol_features = 0
         self.owner = False
@@ -402,7 +401,6 @@ class Session:
         if unknown:
             raise Refused(m.request, f"features {unknown:#x} were not offered")
         self.acked_features = features
-        self._acked_int = int(features)
         self.features_set = True
         self.device.set_features(features)
         log.info("features acked: %#x", features)
@@ -714,7 +712,7 @@ class Session:
              or (mode is QueueWorkers.AUTO and self.device.num_queues > 1))
             and self.device.allows_worker_processes
             and not self.access_platform
-            and not self._acked_int & _LOG_ALL
+            and not self.acked_features & _LOG_ALL
         )
 
     def _start_ring(self, ring: Ring) -> None:
@@ -942,7 +940,7 @@ class Session:
     def dirty_log(self) -> DirtyLog | None:
         # Asked once per request by every queue worker: a plain int test, not a
         # Flag operation (which costs as much as a quarter of a 4 KiB read).
-        if self._acked_int & _LOG_ALL:
+        if self.acked_features & _LOG_ALL:
             return self._dirty_log
         return None
 
